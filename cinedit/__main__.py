@@ -1,0 +1,5 @@
+import sys
+
+from cinedit.cli import main
+
+sys.exit(main())

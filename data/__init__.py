@@ -1,0 +1,1 @@
+"""cinedit.data: video I/O, metadata index, filters, buckets, samplers, caches."""

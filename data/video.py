@@ -1,0 +1,357 @@
+"""Video and image I/O with PyAV: probe, seek-and-sample clip reading, resize-to-fill + centre crop, mp4 writing.
+
+Tensors follow the project's pixel convention: float (C, T, H, W) in [-1, 1]; an image is T = 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+TARGET_FPS = 24  # clips are sampled at stride ceil(fps / 24) so that training sees roughly 24 fps
+
+
+class MediaError(RuntimeError):
+    """A file that cannot be read as the video or image it claims to be."""
+
+
+@dataclass
+class VideoInfo:
+    """What `probe` learns about a file without decoding it all."""
+
+    path: str
+    num_frames: int
+    height: int
+    width: int
+    fps: float
+    is_image: bool = False
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps if self.fps > 0 else 0.0
+
+    @property
+    def aspect_ratio(self) -> float:
+        """height / width, the convention of the metadata columns."""
+        return self.height / self.width
+
+
+def is_image(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTS
+
+
+def is_video(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTS
+
+
+def frame_stride(fps: float, target_fps: float = TARGET_FPS) -> int:
+    """Default temporal stride: ceil(fps / 24), at least 1."""
+    return max(1, math.ceil(fps / target_fps - 1e-6)) if fps > 0 else 1
+
+
+def num_sampled_frames(num_frames: int, stride: int) -> int:
+    """How many frames a clip of `num_frames` source frames gives at `stride`."""
+    return 0 if num_frames <= 0 else (num_frames - 1) // stride + 1
+
+
+def _open(path: str | os.PathLike) -> av.container.InputContainer:
+    path = str(path)
+    if not os.path.isfile(path):
+        raise MediaError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise MediaError(f"{path}: empty file (0 bytes)")
+    try:
+        container = av.open(path, metadata_errors="ignore")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as e:
+        raise MediaError(f"{path}: not a readable video ({e})") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"{path}: has no video stream")
+    return container
+
+
+def _stream_fps(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return float(rate) if rate else 0.0
+
+
+def probe(path: str | os.PathLike, count_frames: bool = False) -> VideoInfo:
+    """Read size, frame count and fps from the container header (or the image header).
+
+    The frame count comes from the header when it has one; `count_frames=True` (or a header without
+    one) counts packets by demuxing, which reads the file but decodes nothing.
+    """
+    path = str(path)
+    if is_image(path):
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            raise MediaError(f"{path}: {'empty file (0 bytes)' if os.path.isfile(path) else 'no such file'}")
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:  # PIL raises many types for bad files
+            raise MediaError(f"{path}: not a readable image ({e})") from None
+        return VideoInfo(path, 1, h, w, 0.0, is_image=True)
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        fps = _stream_fps(stream)
+        n = stream.frames
+        if not n or count_frames:
+            n = _count_packets(container, stream)
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if not w or not h:
+            raise MediaError(f"{path}: the video stream reports no frame size")
+    return VideoInfo(path, int(n), int(h), int(w), fps)
+
+
+def _count_packets(container, stream) -> int:
+    try:
+        return sum(1 for p in container.demux(stream) if p.size > 0)
+    except av.error.FFmpegError as e:
+        raise MediaError(f"{container.name}: demuxing failed ({e})") from None
+
+
+def fill_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) to resize to so that a centre crop of `size` fills the frame without bars."""
+    th, tw = size
+    scale = max(th / h, tw / w)
+    return max(th, round(h * scale)), max(tw, round(w * scale))
+
+
+def _center_crop(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Centre-crop the last-but-one two axes of an (..., H, W, C) array."""
+    th, tw = size
+    h, w = arr.shape[-3], arr.shape[-2]
+    top, left = (h - th) // 2, (w - tw) // 2
+    return arr[..., top : top + th, left : left + tw, :]
+
+
+def _to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(T, H, W, C) uint8 -> (C, T, H, W) float in [-1, 1]."""
+    frames = np.ascontiguousarray(frames)
+    if not frames.flags.writeable:
+        frames = frames.copy()
+    x = torch.from_numpy(frames).permute(3, 0, 1, 2).float()
+    return x.div_(127.5).sub_(1.0)
+
+
+class ClipReader:
+    """Decode chosen frame indices of one video, seeking to the nearest keyframe before the first.
+
+    `frames_decoded` counts decoded frames, which lets tests and benchmarks check that a short clip
+    from a long file does not decode the whole file.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int = 0):
+        self.path = str(path)
+        self.container = _open(self.path)
+        self.stream = self.container.streams.video[0]
+        # Frame-level threading adds latency without throughput for short clips; slice threads help.
+        self.stream.thread_type = "AUTO"
+        if threads:
+            self.stream.codec_context.thread_count = threads
+        self.fps = _stream_fps(self.stream)
+        self.num_frames = self.stream.frames or 0
+        self.frames_decoded = 0
+        tb = self.stream.time_base
+        self._tb = float(tb) if tb else 1.0 / max(self.fps, 1.0)
+        self._start = self.stream.start_time or 0
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> ClipReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _index_of(self, frame) -> int:
+        pts = frame.pts if frame.pts is not None else frame.dts
+        if pts is None:
+            return -1
+        return round((pts - self._start) * self._tb * self.fps)
+
+    def read(self, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
+        """Decode the frames at `indices` (sorted, ascending) as (T, H, W, 3) uint8.
+
+        With `size=(H, W)` each frame is resized to fill and centre-cropped; the resize runs in
+        swscale on the decoded frame, before any conversion to a tensor.
+        """
+        if not indices:
+            raise ValueError("no frame indices to read")
+        if any(b < a for a, b in zip(indices, indices[1:])):
+            raise ValueError("frame indices must be ascending")
+        want = list(indices)
+        first = want[0]
+        if first > 0 and self.fps > 0:
+            target = self._start + int(first / self.fps / self._tb)
+            try:
+                self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
+            except av.error.FFmpegError:
+                self.container.seek(0, stream=self.stream)
+        out: list[np.ndarray] = []
+        last: np.ndarray | None = None
+        pos = 0
+        try:
+            for frame in self.container.decode(self.stream):
+                self.frames_decoded += 1
+                idx = self._index_of(frame)
+                if idx < want[pos]:
+                    continue
+                arr = self._convert(frame, size)
+                while pos < len(want) and want[pos] <= idx:
+                    out.append(arr)
+                    pos += 1
+                last = arr
+                if pos == len(want):
+                    break
+        except av.error.FFmpegError as e:
+            if not out:
+                raise MediaError(f"{self.path}: decoding failed ({e})") from None
+        if not out:
+            raise MediaError(f"{self.path}: no decodable frame at or after index {first}")
+        # A header that overstates the frame count (or a truncated tail) leaves the last indices
+        # unfilled; repeating the last decoded frame keeps the clip length the caller asked for.
+        while len(out) < len(want):
+            out.append(last)
+        return np.stack(out)
+
+    @staticmethod
+    def _convert(frame, size: tuple[int, int] | None) -> np.ndarray:
+        if size is None:
+            return frame.to_ndarray(format="rgb24")
+        h, w = fill_size(frame.height, frame.width, size)
+        # AREA averages when shrinking (no aliasing); BICUBIC when enlarging.
+        interp = "AREA" if h <= frame.height else "BICUBIC"
+        arr = frame.reformat(width=w, height=h, format="rgb24", interpolation=interp).to_ndarray()
+        return _center_crop(arr, size)
+
+
+def clip_indices(
+    num_frames: int, num_samples: int | None, stride: int, start: int | None = None, rng: np.random.Generator | None = None
+) -> list[int]:
+    """Source indices of a clip: `num_samples` frames at `stride`, starting at `start`.
+
+    With `start=None` the clip starts at a random position drawn from `rng` (a random temporal crop),
+    or at 0 without `rng`. `num_samples=None` takes every frame at the stride.
+    """
+    avail = num_sampled_frames(num_frames, stride)
+    if num_samples is None:
+        num_samples = avail
+    if num_samples > avail:
+        raise MediaError(
+            f"clip of {num_samples} frames at stride {stride} needs {(num_samples - 1) * stride + 1} source frames, "
+            f"the video has {num_frames}"
+        )
+    span = (num_samples - 1) * stride + 1
+    slack = num_frames - span
+    if start is None:
+        start = int(rng.integers(0, slack + 1)) if rng is not None else 0
+    if not 0 <= start <= slack:
+        raise ValueError(f"start {start} out of range [0, {slack}] for {num_samples} frames at stride {stride}")
+    return [start + i * stride for i in range(num_samples)]
+
+
+def read_video(
+    path: str | os.PathLike,
+    num_frames: int | None = None,
+    stride: int | None = None,
+    size: tuple[int, int] | None = None,
+    start: int | None = None,
+    rng: np.random.Generator | None = None,
+    total_frames: int | None = None,
+) -> torch.Tensor:
+    """Read a clip as float (C, T, H, W) in [-1, 1]; images come back with T = 1.
+
+    Args:
+        num_frames: frames to return (all frames at the stride if None).
+        stride: temporal stride in source frames; default ceil(fps / 24).
+        size: (H, W) target; the frame is resized to fill it and centre-cropped. None keeps the size.
+        start: first source frame; None draws it from `rng` (or 0 without one).
+        total_frames: the file's frame count if already known (e.g. from the metadata index);
+            spares the header probe.
+    """
+    if is_image(path):
+        return read_image(path, size)
+    with ClipReader(path) as reader:
+        n = total_frames or reader.num_frames
+        if not n:
+            n = probe(path).num_frames
+        stride = stride or frame_stride(reader.fps)
+        indices = clip_indices(n, num_frames, stride, start, rng)
+        frames = reader.read(indices, size)
+    return _to_tensor(frames)
+
+
+def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read an image as float (C, 1, H, W) in [-1, 1], resized to fill `size` and centre-cropped."""
+    path = str(path)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise MediaError(f"{path}: {'empty file (0 bytes)' if os.path.isfile(path) else 'no such file'}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None:
+                h, w = fill_size(im.height, im.width, size)
+                if (h, w) != (im.height, im.width):
+                    im = im.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            arr = np.asarray(im)
+    except OSError as e:
+        raise MediaError(f"{path}: not a readable image ({e})") from None
+    if size is not None:
+        arr = _center_crop(arr, size)
+    return _to_tensor(arr[None])
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """float (C, T, H, W) in [-1, 1] -> uint8 (T, H, W, C)."""
+    if video.ndim != 4:
+        raise ValueError(f"expected a (C, T, H, W) video, got shape {tuple(video.shape)}")
+    x = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).cpu().numpy()
+
+
+def write_video(
+    path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: float, crf: int = 18, preset: str = "medium"
+) -> Path:
+    """Write an H.264 mp4 (yuv420p) atomically.
+
+    Args:
+        video: float (C, T, H, W) in [-1, 1], or uint8 (T, H, W, 3).
+        crf: x264 quality (0 lossless-ish in luma, 18 visually lossless, 23 default).
+    """
+    frames = to_uint8(video) if isinstance(video, torch.Tensor) else np.asarray(video)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {frames.dtype} {frames.shape}")
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 (yuv420p) needs even height and width, got {h}x{w}: crop or pad by one pixel")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.mp4'}")
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(tmp), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        # One encoder thread makes the output byte-for-byte reproducible.
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": str(crf), "preset": preset}
+        for arr in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    os.replace(tmp, path)
+    return path
