@@ -40,7 +40,9 @@ class BucketConfig:
 
     def validate(self) -> None:
         if not self.table:
-            raise ConfigError("buckets.table is empty: give at least one {resolution: {num_frames: (keep_prob, batch)}}")
+            raise ConfigError(
+                "buckets.table is empty: give at least one {resolution: {num_frames: (keep_prob, batch)}}"
+            )
         if not 0 <= self.tolerance < 1:
             raise ConfigError(f"buckets.tolerance must be in [0, 1), got {self.tolerance}")
         for res, frames in self.table.items():

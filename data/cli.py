@@ -7,12 +7,13 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cinedit.data import filter as filter_, index, sample
+    from cinedit.data import bench, index, sample
+    from cinedit.data import filter as filter_
 
     parser = argparse.ArgumentParser(prog="cinedit data", description="Build and curate video datasets.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each module registers its own subcommand and sets `func` (args -> exit code).
-    for module in (index, filter_, sample):
+    for module in (index, filter_, sample, bench):
         module.add_cli(sub)
     return parser
 

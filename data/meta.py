@@ -33,7 +33,7 @@ def read_meta(path: str | os.PathLike) -> pd.DataFrame:
     if path.suffix.lower() == ".parquet":
         df = pd.read_parquet(path)
     else:
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"text": str})
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise MetaError(f"{path}: missing columns {missing}; expected at least {COLUMNS}")

@@ -238,7 +238,11 @@ class ClipReader:
 
 
 def clip_indices(
-    num_frames: int, num_samples: int | None, stride: int, start: int | None = None, rng: np.random.Generator | None = None
+    num_frames: int,
+    num_samples: int | None,
+    stride: int,
+    start: int | None = None,
+    rng: np.random.Generator | None = None,
 ) -> list[int]:
     """Source indices of a clip: `num_samples` frames at `stride`, starting at `start`.
 
@@ -322,13 +326,19 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
 
 
 def write_video(
-    path: str | os.PathLike, video: torch.Tensor | np.ndarray, fps: float, crf: int = 18, preset: str = "medium"
+    path: str | os.PathLike,
+    video: torch.Tensor | np.ndarray,
+    fps: float,
+    crf: int = 18,
+    preset: str = "medium",
+    gop: int | None = None,
 ) -> Path:
     """Write an H.264 mp4 (yuv420p) atomically.
 
     Args:
         video: float (C, T, H, W) in [-1, 1], or uint8 (T, H, W, 3).
         crf: x264 quality (0 lossless-ish in luma, 18 visually lossless, 23 default).
+        gop: keyframe interval in frames (x264's default, 250, if None); shorter makes seeking cheaper.
     """
     frames = to_uint8(video) if isinstance(video, torch.Tensor) else np.asarray(video)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -347,6 +357,8 @@ def write_video(
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         # One encoder thread makes the output byte-for-byte reproducible.
         stream.codec_context.thread_count = 1
+        if gop:
+            stream.codec_context.gop_size = gop
         stream.options = {"crf": str(crf), "preset": preset}
         for arr in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):

@@ -1,0 +1,165 @@
+"""Map-style datasets indexed by sampler items ``(index, num_frames, height, width[, seed])``.
+
+`VideoDataset` decodes pixels at the item's bucket shape; `CachedLatentDataset` returns latents and
+text embeddings from a `cinedit data cache` folder. Both take the same items and expose a `.meta`
+table for the sampler, so training swaps one for the other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from cinedit.configs.data import DataConfig
+from cinedit.data.cache import CacheReader
+from cinedit.data.meta import read_meta
+from cinedit.data.video import frame_stride, read_video
+
+# Tensors that may differ in length within a batch (text tokens): right-padded, with a `<key>_mask`.
+PADDED_KEYS = ("txt",)
+
+
+def _unpack(item: Sequence[int]) -> tuple[int, int, int, int, int]:
+    if isinstance(item, (int, np.integer)):
+        raise TypeError(
+            f"dataset items are (index, num_frames, height, width[, seed]) from BucketBatchSampler, got the bare "
+            f"index {item}; build batches with cinedit.data.sampler.BucketBatchSampler"
+        )
+    if len(item) not in (4, 5):
+        raise TypeError(f"expected an item (index, num_frames, height, width[, seed]), got {item!r}")
+    index, t, h, w = (int(v) for v in item[:4])
+    seed = int(item[4]) if len(item) == 5 else index
+    return index, t, h, w, seed
+
+
+class VideoDataset(Dataset):
+    """Clips decoded at their bucket's (T, H, W): stride from fps, seeded random temporal crop, fill + centre crop."""
+
+    def __init__(self, meta: pd.DataFrame | str | os.PathLike, config: DataConfig | None = None):
+        self.meta = read_meta(meta) if isinstance(meta, (str, os.PathLike)) else meta.reset_index(drop=True)
+        self.config = config or DataConfig()
+        self.config.validate()
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def stride(self, fps: float) -> int:
+        """Temporal stride of a sample: the configured one, else ceil(fps / 24)."""
+        return self.config.frame_stride or frame_stride(fps)
+
+    def __getitem__(self, item: Sequence[int]) -> dict[str, Any]:
+        index, t, h, w, seed = _unpack(item)
+        row = self.meta.iloc[index]
+        fps = float(row["fps"])
+        stride = self.stride(fps)
+        video = read_video(
+            row["path"],
+            num_frames=t,
+            stride=stride,
+            size=(h, w),
+            rng=np.random.default_rng(seed),
+            total_frames=int(row["num_frames"]) or None,
+        )
+        return {
+            "video": video,  # (C, T, H, W) in [-1, 1]
+            "text": str(row["text"]),
+            "fps": fps / stride,
+            "num_frames": t,
+            "height": h,
+            "width": w,
+            "index": index,
+            "path": str(row["path"]),
+        }
+
+
+class CachedLatentDataset(Dataset):
+    """Latents (`latent`) and text embeddings (`txt`, optional pooled `vec`) from a cache written by `CacheWriter`.
+
+    Each cache entry's meta holds the pixel shape the latent was encoded at (`num_frames`, `height`,
+    `width`, pre-strided, so `frame_stride` is 1), `fps` and `text`; `.meta` lists them in the cache's
+    key order, and the sampler buckets from that stored shape. Text embeddings may live in a separate
+    cache (`text_dir`) under the same keys.
+    """
+
+    exact_shape = True  # latents cannot be resized: the sampler drops samples bucketed at another shape
+
+    def __init__(self, cache_dir: str | os.PathLike, text_dir: str | os.PathLike | None = None):
+        self.latents = CacheReader(cache_dir)
+        self.texts = CacheReader(text_dir) if text_dir is not None else self.latents
+        self.keys = self.latents.keys()
+        rows = []
+        for key in self.keys:
+            m = self.latents.meta(key)
+            missing = [c for c in ("num_frames", "height", "width") if c not in m]
+            if missing:
+                raise ValueError(f"{Path(cache_dir)}: entry {key!r} lacks meta {missing}; rebuild the cache")
+            rows.append(
+                {
+                    "key": key,
+                    "path": m.get("path", ""),
+                    "text": m.get("text", ""),
+                    "num_frames": int(m["num_frames"]),
+                    "height": int(m["height"]),
+                    "width": int(m["width"]),
+                    "fps": float(m.get("fps", 0.0)),
+                    "frame_stride": 1,
+                }
+            )
+        columns = ["key", "path", "text", "num_frames", "height", "width", "fps", "frame_stride"]
+        self.meta = pd.DataFrame(rows, columns=columns)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, item: Sequence[int]) -> dict[str, Any]:
+        index, t, h, w, _ = _unpack(item)
+        key = self.keys[index]
+        row = self.meta.iloc[index]
+        if (t, h, w) != (row["num_frames"], row["height"], row["width"]):
+            raise ValueError(
+                f"cache entry {key!r} was encoded at (T, H, W) = {(row['num_frames'], row['height'], row['width'])} "
+                f"but the sampler asked for {(t, h, w)}: sample from this dataset with its exact_shape (the default)"
+            )
+        out: dict[str, Any] = {"latent": self.latents.get(key, ["latent"])["latent"]}
+        names = self.texts.tensor_names(key)
+        out.update(self.texts.get(key, [n for n in ("txt", "vec") if n in names]))
+        if "txt" not in out:
+            raise KeyError(f"cache entry {key!r} has no 'txt' text embedding; cache text embeddings or pass text_dir")
+        meta = {"text": str(row["text"]), "fps": float(row["fps"]), "num_frames": t, "height": h, "width": w}
+        return {**out, **meta, "index": index}
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors (equal shapes within a bucket; `txt` is right-padded with a `txt_mask`) and list the rest."""
+    if not batch:
+        raise ValueError("cannot collate an empty batch")
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [b[key] for b in batch]
+        if not isinstance(values[0], torch.Tensor):
+            out[key] = values
+            continue
+        shapes = {tuple(v.shape) for v in values}
+        if len(shapes) == 1:
+            out[key] = torch.stack(values)
+        elif key in PADDED_KEYS and len({s[1:] for s in shapes}) == 1:
+            length = max(s[0] for s in shapes)
+            padded = values[0].new_zeros((len(values), length, *values[0].shape[1:]))
+            mask = torch.zeros(len(values), length, dtype=torch.bool)
+            for i, v in enumerate(values):
+                padded[i, : len(v)] = v
+                mask[i, : len(v)] = True
+            out[key], out[f"{key}_mask"] = padded, mask
+        else:
+            raise ValueError(
+                f"cannot stack {key!r} of shapes {sorted(shapes)}: a batch must come from one bucket "
+                f"(use BucketBatchSampler)"
+            )
+    return out
