@@ -15,7 +15,7 @@ from cinedit.configs.core import (
     validate,
 )
 from cinedit.configs.data import BucketConfig, DataConfig, debug_buckets, frame_range, stage1_buckets, stage3_buckets
-from cinedit.configs.presets import PRESETS, preset, resolve
+from cinedit.configs.presets import PRESETS, config_from_argv, preset, resolve
 
 __all__ = [
     "CONFIG_FILE",
@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "apply_overrides",
+    "config_from_argv",
     "debug_buckets",
     "describe",
     "field_paths",

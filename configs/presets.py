@@ -41,3 +41,27 @@ def resolve(kind: str, name_or_path: str, overrides: list[str] | None = None) ->
         cfg = table[name_or_path]()
     validate(cfg)
     return apply_overrides(cfg, overrides or [])
+
+
+def config_from_argv(kind: str, argv: list[str]) -> tuple[Any, str]:
+    """`PRESET_OR_RUN_DIR [--section.field=value ...] [--help-config]` -> (config, preset or path).
+
+    The shared front half of every training entry point. `--help-config` prints every field with its
+    resolved value and exits.
+    """
+    if not argv or argv[0].startswith("--"):
+        known = ", ".join(sorted(PRESETS.get(kind, {}))) or "none"
+        raise ConfigError(
+            f"name a {kind} preset ({known}) or a run directory first, then --section.field=value overrides"
+        )
+    name, rest = argv[0], list(argv[1:])
+    show = "--help-config" in rest
+    if show:
+        rest.remove("--help-config")
+    cfg = resolve(kind, name, rest)
+    if show:
+        from cinedit.configs.core import describe
+
+        print(describe(cfg))
+        raise SystemExit(0)
+    return cfg, name

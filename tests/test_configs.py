@@ -135,3 +135,15 @@ def test_stage_buckets_valid_and_roundtrip():
 def test_describe_lists_every_field():
     text = describe(RunConfig())
     assert "--optim.lr=0.0001" in text and "--data.buckets.tolerance=0.2" in text
+
+
+def test_config_from_argv(capsys):
+    from cinedit.configs import config_from_argv
+
+    cfg, name = config_from_argv("test", ["test_run", "--steps", "4"])
+    assert name == "test_run" and cfg.steps == 4
+    with pytest.raises(SystemExit) as e:
+        config_from_argv("test", ["test_run", "--help-config", "--steps=5"])
+    assert e.value.code == 0 and "--steps=5" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="name a test preset"):
+        config_from_argv("test", ["--steps=5"])
