@@ -70,14 +70,13 @@ def convert(value: Any, tp: Any, where: str = "value") -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             if type(None) in args:
                 return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return convert(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: cannot read {value!r} as {_type_name(tp)}")
     origin = get_origin(tp)
     if origin is Literal:

@@ -180,7 +180,11 @@ def build_sample_data(out: str | Path, overwrite: bool = False, progress: bool =
             raise FileExistsError(
                 f"{out} exists and is not empty: pass --overwrite to rebuild it, or choose another --out"
             )
-        shutil.rmtree(out)
+        # Only what this function writes is removed: --out may be a folder that holds other things.
+        for name in ("videos", "images"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in ("meta.csv", "meta.report.csv"):
+            (out / name).unlink(missing_ok=True)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
     src_clips, src_photos = clips_dir(), photos_dir()
@@ -224,7 +228,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="runs/sample_data", help="folder to write (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="rebuild into a non-empty folder (only the sample files are replaced)"
+    )
     p.set_defaults(func=_main)
 
 

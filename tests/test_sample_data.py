@@ -62,3 +62,15 @@ def test_sample_batches_load(sample_data):
     assert video.ndim == 5 and video.shape[1] == 3 and -1 <= video.min() and video.max() <= 1
     assert video.std() > 0.1, "real frames, not blank"
     assert np.all([len(t) > 0 for t in batch["text"]])
+
+
+def test_rebuild_is_deterministic_and_keeps_other_files(sample_data, tmp_path):
+    root, _ = sample_data
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    build_sample_data(out, overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    for clip in CLIPS[:3]:
+        name = f"videos/{clip.name}.mp4"
+        assert (out / name).read_bytes() == (root / name).read_bytes()
