@@ -1,0 +1,136 @@
+"""Numerical parity with the public reference: rebuild a model from a fixture's recorded config, load its
+weights with the release's key names (strict), replay the recorded call and compare every stored output.
+
+Fixture format (shared/fixtures/README.md): `NAME.json` records the component, the reference constructor
+config, the call and the tensor file; `NAME.safetensors` holds `state_dict.<key>` weights, the inputs and
+the outputs. A fixture may take its weights from another file (`weights_file`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+# Suggested by the fixtures' README for an fp32 CPU re-implementation: variant -> (atol, rtol).
+DCAE_TOLERANCES = {"refinit": (1e-5, 0.0), "randw": (1e-4, 1e-4)}
+DEFAULT_TOLERANCE = (1e-4, 1e-4)
+
+
+class FixtureError(ValueError):
+    """A fixture this command cannot read or does not know how to replay."""
+
+
+@dataclass
+class Comparison:
+    name: str
+    max_abs_diff: float
+    atol: float
+    rtol: float
+    ok: bool
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ParityReport:
+    fixture: str
+    component: str
+    results: list[Comparison] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.results) and all(r.ok for r in self.results)
+
+    def add(self, name: str, actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> None:
+        if actual.shape != expected.shape:
+            self.results.append(Comparison(name, float("inf"), atol, rtol, False, tuple(actual.shape)))
+            return
+        diff = (actual.double() - expected.double()).abs()
+        ok = bool((diff <= atol + rtol * expected.double().abs()).all())
+        self.results.append(Comparison(name, float(diff.max()), atol, rtol, ok, tuple(actual.shape)))
+
+
+def read_fixture(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """(json, tensors, folder) of a fixture given its .json (or .safetensors) path."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        path = path.with_suffix(".json")
+    if not path.is_file():
+        raise FixtureError(f"{path}: no such fixture; pass the fixture's .json file")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FixtureError(f"{path}: not valid JSON ({e})") from None
+    tensor_file = path.parent / meta.get("file", path.with_suffix(".safetensors").name)
+    if not tensor_file.is_file():
+        raise FixtureError(f"{path}: its tensor file {tensor_file.name} is missing beside it")
+    return meta, load_file(str(tensor_file)), path.parent
+
+
+def _weights(meta: dict, tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:
+    if "weights_file" in meta:
+        tensors = load_file(str(folder / meta["weights_file"]))
+    state = {k.removeprefix("state_dict."): v for k, v in tensors.items() if k.startswith("state_dict.")}
+    if not state:
+        raise FixtureError("the fixture holds no `state_dict.*` weights (nor names a weights_file)")
+    return state
+
+
+def check_dcae(meta: dict, tensors: dict[str, torch.Tensor], folder: Path, tol: tuple[float, float] | None):
+    """Video DC-AE: encode(input) -> latent, decode(latent) -> reconstruction, and per-module intermediates."""
+    from cinedit.tokenizer.model import VideoDCAE, config_from_reference
+
+    ref_cfg = meta.get("constructor", {}).get("resolved_config")
+    if ref_cfg is None:
+        raise FixtureError("DC-AE fixture without constructor.resolved_config: cannot rebuild the model")
+    atol, rtol = tol or DCAE_TOLERANCES.get(meta.get("variant", ""), DEFAULT_TOLERANCE)
+    model = VideoDCAE(config_from_reference(ref_cfg)).eval()
+    model.load_state_dict(_weights(meta, tensors, folder), strict=True)
+    report = ParityReport("", "dcae")
+    captured: dict[str, torch.Tensor] = {}
+    wanted = {k.removeprefix("intermediate."): k for k in tensors if k.startswith("intermediate.")}
+    for name, module in model.named_modules():
+        if name in wanted:
+            module.register_forward_hook(lambda _m, _a, out, name=name: captured.__setitem__(name, out))
+    with torch.no_grad():
+        if "input" in tensors and "latent" in tensors:
+            report.add("latent", model.encode(tensors["input"]), tensors["latent"], atol, rtol)
+        if "latent" in tensors and "reconstruction" in tensors:
+            # The recorded reconstruction says how many frames the latent decodes to.
+            frames = tensors["reconstruction"].shape[2]
+            report.add("reconstruction", model.decode(tensors["latent"], frames), tensors["reconstruction"], atol, rtol)
+    for name, key in sorted(wanted.items()):
+        if name not in captured:
+            report.results.append(Comparison(f"intermediate.{name}", float("inf"), atol, rtol, False, ()))
+        else:
+            report.add(f"intermediate.{name}", captured[name], tensors[key], atol, rtol)
+    return report
+
+
+CHECKS = {"dcae": check_dcae}
+
+
+def component_of(meta: dict, path: Path) -> str:
+    """Which model a fixture exercises, from its `component` text or its file name."""
+    text = f"{meta.get('component', '')} {path.name}".lower()
+    if "dc-ae" in text or "dcae" in text:
+        return "dcae"
+    raise FixtureError(
+        f"{path.name}: unknown component {meta.get('component')!r}; this command replays: {', '.join(CHECKS)}"
+    )
+
+
+def check_fixture(path: str | Path, atol: float | None = None, rtol: float | None = None) -> ParityReport:
+    """Replay one fixture and compare every stored output (tolerances from the fixture's variant unless given)."""
+    path = Path(path)
+    meta, tensors, folder = read_fixture(path)
+    kind = component_of(meta, path)
+    tol = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
+    report = CHECKS[kind](meta, tensors, folder, tol)
+    report.fixture, report.component = path.name, kind
+    if not report.results:
+        raise FixtureError(f"{path.name}: no stored outputs to compare")
+    return report
