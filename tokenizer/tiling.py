@@ -191,7 +191,7 @@ def tiled_encode(model: Autoencoder, x: Tensor, cfg: TilingConfig) -> Tensor:
     return _run_tiles(model.encode, x, axes, cfg.progress)
 
 
-def _video_frames(z: Tensor, tc: int, num_frames: int | None) -> bool:
+def _is_video(z: Tensor, tc: int, num_frames: int | None) -> bool:
     """Whether latents z decode to a video (True) or an image, checking num_frames like VideoDCAE.decode."""
     t = z.shape[2]
     if num_frames is None:
@@ -207,7 +207,7 @@ def tiled_decode(model: Autoencoder, z: Tensor, cfg: TilingConfig, num_frames: i
     s, tc = _check_tiles(model, cfg)
     if z.ndim != 5:
         raise ValueError(f"expected latents (b, c, t, h, w), got {tuple(z.shape)}")
-    video = _video_frames(z, tc, num_frames)
+    video = _is_video(z, tc, num_frames)
     t, h, w = z.shape[2:]
     tu = tc if video else 1
     axes = [
@@ -232,7 +232,7 @@ def decode(model: Autoencoder, z: Tensor, cfg: TilingConfig | None = None, num_f
     cfg = TilingConfig() if cfg is None else cfg
     if z.ndim == 5:
         frames = (
-            z.shape[2] * model.temporal_compression if _video_frames(z, model.temporal_compression, num_frames) else 1
+            z.shape[2] * model.temporal_compression if _is_video(z, model.temporal_compression, num_frames) else 1
         )
         s = model.spatial_compression
         if cfg.should_tile(frames, z.shape[3] * s, z.shape[4] * s):
