@@ -231,9 +231,7 @@ def decode(model: Autoencoder, z: Tensor, cfg: TilingConfig | None = None, num_f
     """model.decode(z, num_frames), tiled when the decoded size exceeds the config's thresholds (or forced on)."""
     cfg = TilingConfig() if cfg is None else cfg
     if z.ndim == 5:
-        frames = (
-            z.shape[2] * model.temporal_compression if _is_video(z, model.temporal_compression, num_frames) else 1
-        )
+        frames = z.shape[2] * model.temporal_compression if _is_video(z, model.temporal_compression, num_frames) else 1
         s = model.spatial_compression
         if cfg.should_tile(frames, z.shape[3] * s, z.shape[4] * s):
             return tiled_decode(model, z, cfg, num_frames)
