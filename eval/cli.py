@@ -1,4 +1,4 @@
-"""`cinedit eval ...`: parity checks against the reference fixtures (metrics, reports and benchmarks to come)."""
+"""`cinedit eval ...`: parity checks against the reference fixtures and benchmarks (reports to come)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,24 @@ def _parity(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from cinedit.eval.bench import bench_tokenizer
+
+    res = bench_tokenizer(args.preset, args.frames, args.size, args.batch, args.repeats, args.device, args.dtype)
+    print(
+        f"tokenizer {res['preset']} ({res['params_m']}M params), input {res['shape']}, {res['device']}, {res['dtype']}"
+    )
+    for name in ("encode", "decode"):
+        r = res[name]
+        print(f"  {name}: {r['frames_per_s']} frames/s ({r['median_s']} s per call), peak memory +{r['peak_mb']} MB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cinedit eval", description="Evaluation and numerical parity checks.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -44,6 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=None, help="absolute tolerance (default: by fixture variant)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default: by fixture variant)")
     p.set_defaults(func=_parity)
+    b = sub.add_parser(
+        "bench",
+        help="tokenizer encode / decode frames/s and peak memory",
+        description="Time the tokenizer's encode and decode on a random clip (median of --repeats after a warm-up) "
+        "and report frames/s and the peak memory each adds (CUDA allocator peak, or sampled process RSS on CPU).",
+    )
+    b.add_argument("--preset", default="f32t4c128", help="tokenizer preset (default: %(default)s)")
+    b.add_argument("--frames", type=int, default=8)
+    b.add_argument("--size", type=int, default=128, help="square frame side in pixels")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    b.add_argument("--json", help="also write the result here")
+    b.set_defaults(func=_bench)
     return parser
 
 

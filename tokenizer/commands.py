@@ -1,0 +1,336 @@
+"""`cinedit tokenizer reconstruct | encode | decode`: run a Video DC-AE on your own videos and images.
+
+Inputs are a video or image file, a folder (searched recursively) or a meta file (.csv / .parquet). With
+one input file `--out` is the output file; otherwise it is a folder that mirrors the input names. Frames are
+read at full frame rate (`--stride` to subsample), trimmed to a multiple of 4 (`--max-frames` caps them);
+sizes must be multiples of 32, or pass `--size H W` (resize-to-fill + centre crop) or `--pad` (replicate-pad,
+crop back afterwards). Large inputs are tiled automatically. Existing outputs are kept unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from cinedit.data.video import (
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    MediaError,
+    is_image,
+    num_sampled_frames,
+    probe,
+    read_video,
+    to_uint8,
+    write_video,
+)
+from cinedit.tokenizer.loading import load_pretrained
+from cinedit.tokenizer.model import VideoDCAE
+from cinedit.tokenizer.tiling import TilingConfig
+from cinedit.tokenizer.tiling import decode as tiled_decode
+from cinedit.tokenizer.tiling import encode as tiled_encode
+
+LATENT_EXT = ".safetensors"
+
+
+class InputError(ValueError):
+    """An input this command cannot use; the message says how to fix it."""
+
+
+def config_hash(model: VideoDCAE) -> str:
+    """A short hash of the tokenizer's architecture (latents only decode with the same architecture)."""
+    doc = json.dumps(dataclasses.asdict(model.config), sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Clip:
+    """One input, read and ready for the model."""
+
+    path: Path
+    video: Tensor  # (1, 3, T, H', W') in [-1, 1], H' and W' padded to multiples of 32 if asked
+    fps: float  # of the frames read (source fps / stride); 0 for images
+    height: int  # before padding
+    width: int
+
+
+def find_inputs(src: str | os.PathLike) -> tuple[list[Path], bool]:
+    """The media files named by `src` and whether `src` named a single file."""
+    from cinedit.data.index import find_media
+    from cinedit.data.meta import SUFFIXES, read_meta
+
+    src = Path(src)
+    if src.is_dir():
+        files = find_media(src)
+        if not files:
+            raise InputError(f"{src}: no video or image files found (searched recursively)")
+        return files, False
+    if not src.is_file():
+        raise InputError(f"{src}: no such file or folder")
+    if src.suffix.lower() in SUFFIXES:
+        return [Path(p) for p in read_meta(src)["path"]], False
+    if src.suffix.lower() not in VIDEO_EXTS | IMAGE_EXTS | {LATENT_EXT}:
+        raise InputError(f"{src}: not a video, image or meta file (by its extension {src.suffix!r})")
+    return [src], True
+
+
+def read_clip(
+    path: Path,
+    max_frames: int | None = None,
+    stride: int = 1,
+    size: tuple[int, int] | None = None,
+    pad: bool = False,
+    multiple: int = 32,
+    frame_multiple: int = 4,
+) -> Clip:
+    """Read one input for the tokenizer: frames trimmed to a multiple of 4, sizes checked or padded."""
+    info = probe(path)
+    if info.is_image:
+        video, fps = read_video(path, size=size), 0.0
+    else:
+        avail = num_sampled_frames(info.num_frames, stride)
+        t = min(avail, max_frames) if max_frames else avail
+        t -= t % frame_multiple
+        if t < frame_multiple:
+            raise InputError(
+                f"{path}: {avail} frame(s) at stride {stride}; a video needs at least {frame_multiple} "
+                f"(use an image file for single frames)"
+            )
+        video = read_video(path, num_frames=t, stride=stride, size=size, start=0, total_frames=info.num_frames)
+        fps = info.fps / stride
+    _, _, h, w = video.shape
+    ph, pw = -h % multiple, -w % multiple
+    if ph or pw:
+        if not pad:
+            raise InputError(
+                f"{path}: {h}x{w} is not a multiple of {multiple}; pass --size H W (multiples of {multiple}, e.g. "
+                f"{max(multiple, h - h % multiple)} {max(multiple, w - w % multiple)}) or --pad to pad and crop back"
+            )
+        video = F.pad(video[None], (0, pw, 0, ph, 0, 0), mode="replicate")[0]
+    return Clip(path, video[None], fps, h, w)
+
+
+def load_tokenizer(ckpt: str | None, device: torch.device) -> VideoDCAE:
+    """A tokenizer from our model folder or the release's single file, in eval mode on `device`."""
+    if not ckpt:
+        raise InputError(
+            "--ckpt is required: a model folder written by `cinedit tokenizer train` / save_pretrained, "
+            "or the released Video DC-AE safetensors file"
+        )
+    return load_pretrained(ckpt).to(device).eval()
+
+
+def _tiling(args: argparse.Namespace) -> TilingConfig:
+    enabled = {"auto": None, "on": True, "off": False}[args.tiling]
+    return TilingConfig(spatial_tile=args.tile_size, temporal_tile=args.tile_frames, enabled=enabled)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _output(src: Path, root: Path | None, out: Path, single: bool, suffix: str) -> Path:
+    if single:
+        return out
+    rel = src.relative_to(root) if root is not None and src.is_relative_to(root) else Path(src.name)
+    return (out / rel).with_suffix(suffix)
+
+
+def write_frames(path: Path, video: Tensor, fps: float) -> Path:
+    """An image (T = 1, written as PNG unless the path says .mp4) or an mp4, atomically."""
+    frames = to_uint8(video)
+    if frames.shape[0] == 1 and path.suffix.lower() != ".mp4":
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+        Image.fromarray(frames[0]).save(tmp)
+        os.replace(tmp, path)
+        return path
+    return write_video(path, frames, fps if fps > 0 else 24.0)
+
+
+def save_latent(path: Path, latent: Tensor, meta: dict) -> Path:
+    """Latent (C, t, h, w) with string metadata, as safetensors, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"latent": latent.contiguous().cpu()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_latent(path: Path) -> tuple[Tensor, dict]:
+    """A latent file written by `encode`: (latent (C, t, h, w), metadata)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "latent" not in f.keys():
+                raise InputError(f"{path}: no `latent` tensor; latent files come from `cinedit tokenizer encode`")
+            return f.get_tensor("latent"), meta
+    except (OSError, SafetensorError) as e:
+        raise InputError(f"{path}: not a latent file written by `cinedit tokenizer encode` ({e})") from None
+
+
+def _latent_frames(path: Path) -> int | None:
+    """The frame count in a latent file's metadata (reads no tensor), or None."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {}).get("num_frames", 0)) or None
+    except (OSError, SafetensorError, ValueError):
+        return None
+
+
+def _run(args: argparse.Namespace, work) -> int:
+    """Shared driver: resolve inputs and outputs, skip existing ones, report bad inputs, exit code."""
+    from tqdm import tqdm
+
+    try:
+        inputs, single = find_inputs(args.input)
+        model = load_tokenizer(args.ckpt, _device(args.device))
+    except (InputError, FileNotFoundError, ValueError) as e:
+        print(f"cinedit tokenizer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    root = Path(args.input) if Path(args.input).is_dir() else None
+    out = Path(args.out)
+    if single and out.exists() and not args.overwrite:
+        print(f"cinedit tokenizer {args.command}: error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    failed = 0
+    for src in tqdm(inputs, desc=args.command, unit="file", disable=single or args.quiet):
+        dst = _output(src, root, out, single, args.suffix_for(src))
+        if not single and dst.exists() and not args.overwrite:
+            print(f"{dst} exists, kept (pass --overwrite to redo it)")
+            continue
+        try:
+            with torch.no_grad():
+                print(work(model, src, dst))
+        except (InputError, MediaError, ValueError) as e:
+            failed += 1
+            print(f"cinedit tokenizer {args.command}: error: {e}", file=sys.stderr)
+    if failed and single:
+        return 2
+    if failed:
+        print(f"{failed} of {len(inputs)} input(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from cinedit.eval.metrics import psnr, ssim
+
+    tiling = _tiling(args)
+
+    def work(model: VideoDCAE, src: Path, dst: Path) -> str:
+        clip = read_clip(src, args.max_frames, args.stride, args.size, args.pad)
+        x = clip.video.to(next(model.parameters()).device)
+        rec = tiled_decode(model, tiled_encode(model, x, tiling), tiling, num_frames=x.shape[2])
+        rec = rec[..., : clip.height, : clip.width].float().cpu().clamp(-1, 1)
+        ref = clip.video[..., : clip.height, : clip.width]
+        write_frames(dst, rec[0], clip.fps)
+        quality = f"PSNR {psnr(rec, ref).item():.2f} dB"
+        if min(clip.height, clip.width) >= 11:  # SSIM's 11x11 window
+            quality += f", SSIM {ssim(rec, ref).item():.4f}"
+        return f"{src} -> {dst}: {rec.shape[2]} frame(s) {clip.height}x{clip.width}, {quality}"
+
+    return _run(args, work)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    tiling = _tiling(args)
+
+    def work(model: VideoDCAE, src: Path, dst: Path) -> str:
+        clip = read_clip(src, args.max_frames, args.stride, args.size, args.pad)
+        z = tiled_encode(model, clip.video.to(next(model.parameters()).device), tiling)[0]
+        meta = {
+            "format": "cinedit-latent-v1",
+            "source": str(src),
+            "fps": clip.fps,
+            "num_frames": clip.video.shape[2],
+            "height": clip.height,
+            "width": clip.width,
+            "padded_height": clip.video.shape[3],
+            "padded_width": clip.video.shape[4],
+            "scaling_factor": model.scaling_factor,
+            "scaled": False,
+            "tokenizer_config_hash": config_hash(model),
+            "tokenizer_config": json.dumps(dataclasses.asdict(model.config)),
+        }
+        save_latent(dst, z, meta)
+        return f"{src} -> {dst}: latent {tuple(z.shape)} (unscaled; scaling factor {model.scaling_factor})"
+
+    return _run(args, work)
+
+
+def _decode(args: argparse.Namespace) -> int:
+    tiling = _tiling(args)
+
+    def work(model: VideoDCAE, src: Path, dst: Path) -> str:
+        if src.suffix != LATENT_EXT:
+            raise InputError(f"{src}: latent files are {LATENT_EXT} files written by `cinedit tokenizer encode`")
+        z, meta = load_latent(src)
+        want = meta.get("tokenizer_config_hash")
+        if want and want != config_hash(model) and not args.force:
+            raise InputError(
+                f"{src} was encoded by a tokenizer with config hash {want}, --ckpt has {config_hash(model)}: "
+                f"decode with the same tokenizer (or --force)"
+            )
+        frames = int(meta["num_frames"]) if "num_frames" in meta else None
+        rec = tiled_decode(model, z[None].to(next(model.parameters()).device), tiling, num_frames=frames)
+        h, w = int(meta.get("height", rec.shape[3])), int(meta.get("width", rec.shape[4]))
+        rec = rec[..., :h, :w].float().cpu().clamp(-1, 1)
+        write_frames(dst, rec[0], float(meta.get("fps", 0) or 0))
+        return f"{src} -> {dst}: {rec.shape[2]} frame(s) {h}x{w}"
+
+    return _run(args, work)
+
+
+def _common(p: argparse.ArgumentParser, reads_media: bool) -> None:
+    p.add_argument("input", metavar="IN", help="a file, a folder or a meta file (.csv / .parquet)")
+    p.add_argument("--out", required=True, help="output file (one input) or folder (several)")
+    p.add_argument("--ckpt", help="tokenizer: our model folder or the released single safetensors file")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--tiling", choices=["auto", "on", "off"], default="auto", help="default: tile large inputs")
+    p.add_argument("--tile-size", type=int, default=256, help="spatial tile in pixels (default 256)")
+    p.add_argument("--tile-frames", type=int, default=32, help="temporal tile in frames (default 32)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if reads_media:
+        p.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
+        p.add_argument("--stride", type=int, default=1, help="temporal stride in source frames (default 1)")
+        p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize-to-fill + centre crop")
+        p.add_argument("--pad", action="store_true", help="pad sizes to multiples of 32 and crop back")
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """Register `reconstruct`, `encode` and `decode`."""
+    specs = [
+        ("reconstruct", _reconstruct, True, "encode + decode, write the result, print PSNR / SSIM"),
+        ("encode", _encode, True, "write latents (+ fps, size, frame count, tokenizer hash) as safetensors"),
+        ("decode", _decode, False, "decode latent files written by `encode` back to video"),
+    ]
+    for name, func, reads_media, help_ in specs:
+        p = sub.add_parser(name, help=help_, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _common(p, reads_media)
+        if name == "decode":
+            p.add_argument("--force", action="store_true", help="decode even if the tokenizer config hash differs")
+        suffix = {
+            "encode": lambda s: LATENT_EXT,
+            "decode": lambda s: ".png" if _latent_frames(s) == 1 else ".mp4",
+        }.get(name, lambda s: ".png" if is_image(s) else ".mp4")
+        p.set_defaults(func=func, suffix_for=suffix, command=name)
+
+
+__all__ = ["InputError", "add_cli", "config_hash", "find_inputs", "load_latent", "read_clip", "save_latent"]
