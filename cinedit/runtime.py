@@ -1,0 +1,500 @@
+"""The runtime both trainers share: process group, booster/plugin, seeding and RNG state, EMA, atomic
+checkpoint directories, metrics logging and the progress bar.
+
+Plugins (`build_booster`):
+
+- ``"torch"``: plain PyTorch, DDP when the world has more than one process, the bare module otherwise.
+  The default on CPU: ColossalAI 0.5.0's `TorchDDPPlugin` converts every BatchNorm to SyncBatchNorm,
+  which DDP refuses on CPU modules (the tokenizer's discriminator has BatchNorm3d), and
+  `LowLevelZeroPlugin` asserts a CUDA/NPU accelerator.
+- ``"ddp"`` / ``"zero2"``: ColossalAI's `TorchDDPPlugin` / `LowLevelZeroPlugin` (stage 2, bf16), for GPUs.
+- ``"auto"``: ``"zero2"`` on CUDA, ``"torch"`` on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+PLUGINS = ("auto", "torch", "ddp", "zero2")
+CKPT_DIR = "ckpt"
+LATEST = "latest"
+METRICS_FILE = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# process group
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the default process group: from torchrun's env vars when present, else a world of one.
+
+    A single process still gets a real (gloo) group, so collectives and DDP code paths run unchanged; it uses
+    an in-memory store, so nothing listens on a port. `device` is "auto" (CUDA when available), "cpu" or "cuda".
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, init_method="env://")
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def destroy_distributed() -> None:
+    """Leave the default process group (if any)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """`obj` from every rank, in rank order (just `[obj]` without a process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise sum over ranks of a list of floats."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast on CUDA when precision is "bf16"; CPU runs stay in fp32 (exact, and CPU bf16 is slow)."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# booster / plugin
+
+
+class TorchBooster:
+    """Plain PyTorch behind the booster interface: DDP for world size > 1, the bare module otherwise."""
+
+    name = "torch"
+
+    def __init__(self, info: DistInfo):
+        self.info = info
+
+    def boost(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = model.to(self.info.device)
+        if self.info.world_size > 1:
+            ids = [self.info.device.index] if self.info.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return model, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        loss.backward()
+
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """Clip (when max_norm > 0), step and zero the gradients; returns the gradient norm before clipping."""
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save_model(self, model: nn.Module, path: Path) -> None:
+        if self.info.is_main:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().contiguous().cpu() for k, v in self.unwrap(model).state_dict().items()}
+            save_file(state, str(path / "model.safetensors"))
+
+    def load_model(self, model: nn.Module, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        self.unwrap(model).load_state_dict(load_file(str(path / "model.safetensors"), device=str(self.info.device)))
+
+    def save_optimizer(self, optimizer: torch.optim.Optimizer, path: Path) -> None:
+        if self.info.is_main:
+            torch.save(optimizer.state_dict(), path / "optimizer.pt")
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, path: Path) -> None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.info.device, weights_only=True))
+
+
+class ColossalBooster:
+    """ColossalAI's `Booster` with `TorchDDPPlugin` ("ddp") or `LowLevelZeroPlugin` ("zero2", bf16) (GPU)."""
+
+    def __init__(self, info: DistInfo, plugin: str, max_norm: float, precision: str):
+        with warnings.catch_warnings():
+            # Optional fused kernels (apex, tensornvme, ...) each warn at import; none is needed here.
+            warnings.simplefilter("ignore")
+            from colossalai.booster import Booster
+            from colossalai.booster.plugin import LowLevelZeroPlugin, TorchDDPPlugin
+        self.info, self.name = info, plugin
+        self.zero = plugin == "zero2"
+        if self.zero:
+            # ZeRO clips inside its own step (it owns the gradient shards), so max_norm goes to the plugin.
+            prec = "bf16" if precision == "bf16" else "fp32"
+            self.booster = Booster(plugin=LowLevelZeroPlugin(stage=2, precision=prec, max_norm=max_norm))
+        else:
+            self.booster = Booster(plugin=TorchDDPPlugin())
+
+    def boost(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        model, optimizer, *_ = self.booster.boost(model, optimizer)
+        return model, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.unwrap() if hasattr(model, "unwrap") else model
+
+    def backward(self, loss: torch.Tensor, optimizer: Any) -> None:
+        self.booster.backward(loss, optimizer)
+
+    def step(self, model: nn.Module, optimizer: Any, max_norm: float) -> float:
+        if self.zero:
+            optimizer.step()
+            norm = optimizer.get_grad_norm()
+        else:
+            norm = optimizer.clip_grad_by_norm(max_norm if max_norm > 0 else float("inf"))
+            optimizer.step()
+        optimizer.zero_grad()
+        return float("nan") if norm is None else float(norm)
+
+    def save_model(self, model: nn.Module, path: Path) -> None:
+        self.booster.save_model(model, str(path / "model.safetensors"), shard=False, use_safetensors=True)
+
+    def load_model(self, model: nn.Module, path: Path) -> None:
+        self.booster.load_model(model, str(path / "model.safetensors"))
+
+    def save_optimizer(self, optimizer: Any, path: Path) -> None:
+        # ZeRO keeps optimizer states sharded: one folder of shards; DDP: one file.
+        target = path / ("optimizer" if self.zero else "optimizer.pt")
+        self.booster.save_optimizer(optimizer, str(target), shard=self.zero)
+
+    def load_optimizer(self, optimizer: Any, path: Path) -> None:
+        target = path / ("optimizer" if self.zero else "optimizer.pt")
+        self.booster.load_optimizer(optimizer, str(target))
+
+
+Booster = TorchBooster | ColossalBooster
+
+
+def resolve_plugin(plugin: str, device: torch.device) -> str:
+    """ "auto" -> "zero2" on CUDA, "torch" on CPU; other names are checked against the device."""
+    if plugin not in PLUGINS:
+        raise ValueError(f"train.plugin must be one of {list(PLUGINS)}, got {plugin!r}")
+    if plugin == "auto":
+        return "zero2" if device.type == "cuda" else "torch"
+    if plugin in ("ddp", "zero2") and device.type != "cuda":
+        raise ValueError(
+            f"plugin {plugin!r} (ColossalAI) needs CUDA: on CPU, ColossalAI 0.5.0's TorchDDPPlugin turns BatchNorm "
+            f"into SyncBatchNorm, which DDP refuses on CPU, and LowLevelZeroPlugin asserts a CUDA device; "
+            f"use --train.plugin=torch (or auto)"
+        )
+    return plugin
+
+
+def build_booster(plugin: str, info: DistInfo, max_norm: float = 0.0, precision: str = "bf16") -> Booster:
+    """A booster for `plugin` ("auto", "torch", "ddp", "zero2"); see the module docstring."""
+    plugin = resolve_plugin(plugin, info.device)
+    if plugin == "torch":
+        return TorchBooster(info)
+    return ColossalBooster(info, plugin, max_norm, precision)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# seeding and RNG state
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy and torch (CPU and CUDA) generator states, to store in a checkpoint."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore `rng_state()`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA:
+    """Exponential moving average of a model's weights, kept in fp32 on the model's device.
+
+    With `warmup`, the decay of update n is min(decay, (1 + n) / (10 + n)), so early averages are not
+    dominated by the random initialisation (it reaches 0.99 after ~900 updates).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.99, warmup: bool = True):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p.detach().float(), 1 - decay)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoint directories
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """`<run_dir>/ckpt/step-000010`."""
+    return Path(run_dir) / CKPT_DIR / f"step-{step:06d}"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint named by `<run_dir>/ckpt/latest`, or None."""
+    pointer = Path(run_dir) / CKPT_DIR / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(run_dir) / CKPT_DIR / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path], None], info: DistInfo) -> Path:
+    """Write a checkpoint atomically: `write(tmp_dir)` runs on every rank into `.step-N.tmp`, which rank 0 renames
+    to `step-N` and then points `latest` at. A crash inside `write` leaves only the temporary folder behind
+    (removed by the next save) and `latest` on the previous checkpoint.
+    """
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if info.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    write(tmp)
+    barrier()
+    if info.is_main:
+        if final.exists():  # the same step saved again (a resumed run): replace the old copy
+            old = final.with_name(f".{final.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        _write_text_atomic(final.parent / LATEST, final.name + "\n")
+    barrier()
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (never the `latest` one); keep <= 0 keeps all."""
+    if keep <= 0:
+        return
+    root = Path(run_dir) / CKPT_DIR
+    latest = latest_checkpoint(run_dir)
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for p in steps[:-keep]:
+        if latest is None or p.resolve() != latest.resolve():
+            shutil.rmtree(p)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    _write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# logging
+
+
+class MetricsLogger:
+    """Scalars to `<run_dir>/metrics.jsonl` (always) and TensorBoard (when installed); images to TensorBoard.
+
+    Only the main rank writes. `truncate_after(step)` drops rows past a resumed checkpoint's step, so a run
+    killed after its last checkpoint and resumed leaves one row per step.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool = True, tensorboard: bool = True):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard not installed: metrics.jsonl only
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.is_file():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        _write_text_atomic(self.path, "".join(r + "\n" for r in kept))
+
+    def reset(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+
+    def image(self, tag: str, img: torch.Tensor, step: int) -> None:
+        """A (3, H, W) image in [0, 1]."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_image(tag, img.clamp(0, 1).cpu(), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, float]]:
+    """The rows of a run's metrics.jsonl."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def progress_bar(total: int, initial: int = 0, enabled: bool = True, desc: str = "train") -> Any:
+    """A tqdm bar over steps (silent when disabled or not on the main rank)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True, file=sys.stderr)
+
+
+def forever(loader: Any) -> Iterator[Any]:
+    """Iterate a (resumable) loader epoch after epoch; each new `iter` starts at the loader's saved position."""
+    empty_passes = 0
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        # A loader resumed exactly at the end of an epoch yields nothing once, then starts the next epoch.
+        empty_passes = empty_passes + 1 if empty else 0
+        if empty_passes > 1:
+            raise RuntimeError(
+                "the data loader yielded no batch in a whole epoch: too few samples for the bucket batch sizes "
+                "(or every sample was dropped); add data or lower the batch sizes"
+            )
+
+
+__all__ = [
+    "EMA",
+    "PLUGINS",
+    "ColossalBooster",
+    "DistInfo",
+    "MetricsLogger",
+    "TorchBooster",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "autocast",
+    "barrier",
+    "build_booster",
+    "checkpoint_dir",
+    "destroy_distributed",
+    "forever",
+    "init_distributed",
+    "latest_checkpoint",
+    "progress_bar",
+    "prune_checkpoints",
+    "read_metrics",
+    "resolve_plugin",
+    "rng_state",
+    "save_checkpoint",
+    "seed_everything",
+    "set_rng_state",
+    "write_json",
+]

@@ -1,0 +1,748 @@
+"""Train the Video DC-AE: `cinedit tokenizer train PRESET_OR_RUN_DIR --section.field=value ...`.
+
+Also `python -m cinedit.tokenizer.train ...` and `torchrun --nproc-per-node N -m cinedit.tokenizer.train ...`.
+Phase 1 is L1 + LPIPS reconstruction; from `disc.start` on, a 3D PatchGAN adds an adaptively weighted hinge
+loss (`cinedit.tokenizer.losses`). Each step trains on one bucketed batch of clips or of images (a share
+`train.image_share` of the steps, or of the ranks when there are several). The run directory holds
+`config.json`, `metrics.jsonl`, TensorBoard logs in `tb/`, checkpoints in `ckpt/step-NNNNNN/` (with a
+`latest` pointer) and, at the end, the EMA model in `model/` (`load_pretrained` reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from cinedit import runtime
+from cinedit.configs import (
+    BucketConfig,
+    ConfigError,
+    DataConfig,
+    config_from_argv,
+    load_config,
+    preset,
+    save_config,
+    to_dict,
+)
+from cinedit.data.buckets import mix_seed, uniform
+from cinedit.data.dataset import VideoDataset
+from cinedit.data.meta import read_meta
+from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler
+from cinedit.data.video import frame_stride, num_sampled_frames
+from cinedit.tokenizer.losses import (
+    DiscConfig,
+    LossConfig,
+    ReconstructionLoss,
+    adaptive_weight,
+    build_discriminator,
+    build_reconstruction_loss,
+    generator_adv_loss,
+    hinge_d_loss,
+)
+from cinedit.tokenizer.model import PRESETS as MODEL_PRESETS
+from cinedit.tokenizer.model import VideoDCAE
+
+KIND = "tokenizer"
+SAMPLE_DATA = "sample_data"  # where presets without a meta build the sample dataset, inside out_dir
+RUN_PRODUCTS = ("config.json", runtime.METRICS_FILE, runtime.CKPT_DIR, "tb", "model")
+# Fields a resumed run may change without becoming a different run.
+RUN_CONTROL = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.overwrite",
+    "train.progress",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "disc.start",  # phase 2 continues a phase-1 run
+)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class ModelConfig:
+    """Which Video DC-AE to train and what to start from."""
+
+    preset: str = "f32t4c128"  # a cinedit.tokenizer.PRESETS name
+    # "" (random init), our model folder (save_pretrained), a release .safetensors file, or an image DC-AE
+    # folder / hub id that diffusers' AutoencoderDC loads (inflated to 3D).
+    init_from: str = ""
+
+    def validate(self) -> None:
+        if self.preset not in MODEL_PRESETS:
+            raise ConfigError(f"model.preset must be one of {sorted(MODEL_PRESETS)}, got {self.preset!r}")
+
+
+@dataclass
+class TokenizerDataConfig(DataConfig):
+    """Training data plus the held-out clips: a seeded share of the videos, never trained on (images all train)."""
+
+    val_fraction: float = 0.05
+    val_max: int = 64  # at most this many held-out clips
+    square: bool = True  # crop every bucket to a square of the same pixel count (DC-AE trains on square crops)
+    eval_frames: int = 32  # held-out clips are read at (eval_frames, eval_size, eval_size)
+    eval_size: int = 256
+    eval_batch: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.eval_size % 32 or self.eval_size < 32:
+            raise ConfigError(f"data.eval_size must be a positive multiple of 32, got {self.eval_size}")
+        if self.eval_frames != 1 and self.eval_frames % 4:
+            raise ConfigError(f"data.eval_frames must be 1 or a multiple of 4, got {self.eval_frames}")
+        if self.eval_batch < 1:
+            raise ConfigError(f"data.eval_batch must be >= 1, got {self.eval_batch}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW for the autoencoder."""
+
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0: no clipping
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.99
+    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) over the first updates
+
+    def validate(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ConfigError(f"ema.decay must be in [0, 1), got {self.decay}")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, intervals, run directory, device and parallel plugin."""
+
+    steps: int = 100_000
+    log_every: int = 10
+    eval_every: int = 1000
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 0  # keep only the newest N checkpoints (0: all)
+    image_share: float = 0.2  # share of steps (one process) or of ranks (several) on image batches
+    seed: int = 42
+    out_dir: str = "runs/tokenizer"
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 autocast on CUDA only; CPU runs are fp32
+    plugin: str = "auto"  # auto | torch | ddp | zero2 (see cinedit.runtime)
+    resume: str = ""  # "" fresh run, "auto" the latest checkpoint in out_dir, or a checkpoint folder
+    overwrite: bool = False  # replace a previous run's results in out_dir
+    progress: bool = True
+    log_images: int = 1  # held-out reconstructions written to TensorBoard at each evaluation
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        for name in ("log_every", "eval_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0: never), got {getattr(self, name)}")
+        if not 0 <= self.image_share <= 1:
+            raise ConfigError(f"train.image_share must be in [0, 1], got {self.image_share}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.plugin not in runtime.PLUGINS:
+            raise ConfigError(f"train.plugin must be one of {list(runtime.PLUGINS)}, got {self.plugin!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if not self.out_dir:
+            raise ConfigError("train.out_dir is empty")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """A Video DC-AE training run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@preset(KIND)
+def f32t4c128() -> TokenizerTrainConfig:
+    """The release recipe (DESIGN.md "Facts: Video DC-AE"): 256px square clips of 32 frames and 256px images.
+
+    Phase 1 (reconstruction) by default; phase 2 is `--disc.start=STEP` (also when resuming a phase-1 run).
+    Needs `--data.meta=...` and the VGG16 backbone (`--loss.lpips.backbone=/path/to/vgg16-397923af.pth`).
+    Batch sizes per GPU (1 clip, 4 images) are our choice; the release does not state them.
+    """
+    return TokenizerTrainConfig(
+        model=ModelConfig(preset="f32t4c128"),
+        data=TokenizerDataConfig(buckets=BucketConfig(table={"256px": {1: (1.0, 4), 32: (1.0, 1)}}), num_workers=4),
+        train=TrainConfig(out_dir="runs/tokenizer_f32t4c128"),
+    )
+
+
+@preset(KIND)
+def debug() -> TokenizerTrainConfig:
+    """The debug model on the sample data (built into `<out_dir>/sample_data` unless `--data.meta` is given):
+    64px square 8-frame clips and images, 20 steps, adversarial phase from step 5.
+
+    LPIPS weight 0: no ImageNet VGG16 weights exist on the development machine; give
+    `--loss.lpips_weight=0.5 --loss.lpips.backbone=PATH` where they do. lr 1e-3 so a few steps show progress.
+    """
+    return TokenizerTrainConfig(
+        model=ModelConfig(preset="debug"),
+        data=TokenizerDataConfig(
+            buckets=BucketConfig(table={"64px": {1: (1.0, 4), 8: (1.0, 2)}}),
+            num_workers=0,
+            val_fraction=0.25,
+            val_max=4,
+            eval_frames=8,
+            eval_size=64,
+            eval_batch=2,
+        ),
+        loss=LossConfig(lpips_weight=0.0),
+        disc=DiscConfig(start=5, filters=8),
+        optim=OptimConfig(lr=1e-3),
+        train=TrainConfig(steps=20, log_every=1, eval_every=10, ckpt_every=10, out_dir="runs/tokenizer_debug"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# build
+
+
+def build_model(cfg: ModelConfig) -> VideoDCAE:
+    """A Video DC-AE from the preset, or initialised from `init_from` (see `ModelConfig`)."""
+    from cinedit.tokenizer.loading import CONFIG_NAME, WEIGHTS_NAME, init_from_image_dcae, load_pretrained
+
+    cfg.validate()
+    if not cfg.init_from:
+        return VideoDCAE(MODEL_PRESETS[cfg.preset]())
+    path = Path(cfg.init_from)
+    if path.is_dir() and (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file():
+        return load_pretrained(path)
+    if path.is_file():
+        return load_pretrained(path, config=MODEL_PRESETS[cfg.preset]())
+    return init_from_image_dcae(cfg.init_from)
+
+
+class SquareCrops(Dataset):
+    """A `VideoDataset` read at a square of its bucket's pixel count (a 32-multiple side) instead of its aspect."""
+
+    def __init__(self, dataset: VideoDataset, multiple: int = 32):
+        self.dataset, self.meta, self.multiple = dataset, dataset.meta, multiple
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> dict[str, Any]:
+        index, t, h, w, *seed = item
+        side = max(self.multiple, round(math.sqrt(h * w) / self.multiple) * self.multiple)
+        return self.dataset[(index, t, side, side, *seed)]
+
+
+def split_meta(meta: pd.DataFrame, cfg: TokenizerDataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held-out): a seeded share of the videos long enough for the eval clip; images always train."""
+    is_video = meta["num_frames"].to_numpy() > 1
+    strides = [cfg.frame_stride or frame_stride(float(f)) for f in meta["fps"]]
+    long_enough = np.array(
+        [num_sampled_frames(int(n), s) >= cfg.eval_frames for n, s in zip(meta["num_frames"], strides)]
+    )
+    candidates = np.flatnonzero(is_video & long_enough)
+    n_val = min(cfg.val_max, round(cfg.val_fraction * int(is_video.sum()))) if cfg.val_fraction > 0 else 0
+    if cfg.val_fraction > 0:
+        n_val = max(1, n_val)
+    rng = np.random.default_rng(mix_seed(cfg.seed, 0xE7A1))
+    held = np.sort(rng.permutation(candidates)[:n_val])
+    mask = np.zeros(len(meta), dtype=bool)
+    mask[held] = True
+    return meta[~mask].reset_index(drop=True), meta[mask].reset_index(drop=True)
+
+
+@dataclass
+class TrainData:
+    """The loaders of this rank (video and/or image) and its shard of held-out clips."""
+
+    video: BucketLoader | None
+    image: BucketLoader | None
+    heldout: list[torch.Tensor]  # (3, T, H, W) clips in [-1, 1]
+    num_heldout: int  # over all ranks
+    image_ranks: int  # ranks that train on images (several ranks only)
+
+
+def resolve_meta(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> Path:
+    """`data.meta`, or the sample dataset built once into `<out_dir>/sample_data`."""
+    if cfg.data.meta:
+        return Path(cfg.data.meta)
+    from cinedit.data.sample import build_sample_data
+
+    root = Path(cfg.train.out_dir) / SAMPLE_DATA
+    meta = root / "meta.csv"
+    if info.is_main and not meta.is_file():
+        build_sample_data(root, overwrite=True, progress=cfg.train.progress)
+    runtime.barrier()
+    return meta
+
+
+def build_data(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> TrainData:
+    """Split the metadata, and build this rank's loaders and held-out shard.
+
+    One process trains on both loaders (a seeded draw per step picks one); with several ranks, the first
+    round(image_share * world) ranks take images and the others videos, each group splitting its own data.
+    """
+    dcfg = cfg.data
+    meta = read_meta(resolve_meta(cfg, info))
+    train_meta, held_meta = split_meta(meta, dcfg)
+    is_img = train_meta["num_frames"].to_numpy() == 1
+    img_meta = train_meta[is_img].reset_index(drop=True)
+    vid_meta = train_meta[~is_img].reset_index(drop=True)
+    if vid_meta.empty:
+        raise ValueError(f"{dcfg.meta or 'the sample data'}: no training videos left after holding out clips")
+    share = cfg.train.image_share if len(img_meta) else 0.0
+    n_img = min(info.world_size - 1, round(share * info.world_size)) if info.world_size > 1 else 0
+
+    def loader(m: pd.DataFrame, rank: int, size: int) -> BucketLoader:
+        ds: Dataset = VideoDataset(m, dcfg)
+        if dcfg.square:
+            ds = SquareCrops(ds, dcfg.buckets.multiple)
+        sampler = build_sampler(ds, dcfg, rank, size)
+        if len(sampler) == 0:
+            raise ValueError(
+                f"{len(m)} samples give no full batch with buckets {dcfg.buckets.table}: lower the batch sizes"
+            )
+        return build_dataloader(ds, sampler, dcfg.num_workers, dcfg.prefetch_factor)
+
+    if info.world_size == 1:
+        video = loader(vid_meta, 0, 1)
+        image = loader(img_meta, 0, 1) if share > 0 else None
+    elif info.rank < n_img:
+        video, image = None, loader(img_meta, info.rank, n_img)
+    else:
+        video, image = loader(vid_meta, info.rank - n_img, info.world_size - n_img), None
+
+    held_ds = VideoDataset(held_meta, dcfg)
+    heldout = [
+        held_ds[(i, dcfg.eval_frames, dcfg.eval_size, dcfg.eval_size, mix_seed(dcfg.seed, i))]["video"]
+        for i in range(info.rank, len(held_meta), info.world_size)
+    ]
+    return TrainData(video, image, heldout, len(held_meta), n_img)
+
+
+@dataclass
+class Trainer:
+    """Everything a step touches."""
+
+    cfg: TokenizerTrainConfig
+    info: runtime.DistInfo
+    model: nn.Module  # boosted
+    optimizer: Any
+    booster: runtime.Booster
+    ema: runtime.EMA
+    loss_fn: ReconstructionLoss
+    data: TrainData
+    disc: nn.Module | None = None  # boosted
+    disc_optimizer: Any = None
+    disc_booster: runtime.Booster | None = None
+    step: int = 0
+
+    @property
+    def module(self) -> VideoDCAE:
+        return self.booster.unwrap(self.model)
+
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output conv weight, where the adaptive weight compares gradients."""
+        return self.module.decoder.project_out.op_list[-1].conv.weight
+
+
+def build_optimizer(params: Any, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8):
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+
+
+def build_trainer(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> Trainer:
+    """Model, EMA, loss (fails early without LPIPS weights), discriminator, optimizers, boosters and data."""
+    runtime.seed_everything(cfg.train.seed)
+    loss_fn = build_reconstruction_loss(cfg.loss).to(info.device)
+    model = build_model(cfg.model)
+    ema = runtime.EMA(model, cfg.ema.decay, cfg.ema.warmup)
+    ema.module.to(info.device)
+    o = cfg.optim
+    booster = runtime.build_booster(cfg.train.plugin, info, o.grad_clip, cfg.train.precision)
+    optimizer = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay, o.eps)
+    model, optimizer = booster.boost(model, optimizer)
+    tr = Trainer(cfg, info, model, optimizer, booster, ema, loss_fn, build_data(cfg, info))
+    if cfg.disc.enabled:
+        d = cfg.disc
+        disc = build_discriminator(d)
+        tr.disc_booster = runtime.build_booster(cfg.train.plugin, info, 0.0, cfg.train.precision)
+        disc_opt = build_optimizer(disc.parameters(), d.lr, d.betas, d.weight_decay)
+        tr.disc, tr.disc_optimizer = tr.disc_booster.boost(disc, disc_opt)
+    return tr
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# step and evaluation
+
+
+def uses_images(tr: Trainer, step: int) -> bool:
+    """Whether `step` trains on an image batch on this rank (a seeded draw per step with one process)."""
+    if tr.info.world_size > 1:
+        return tr.info.rank < tr.data.image_ranks
+    if tr.data.image is None:
+        return False
+    return bool(uniform(tr.cfg.train.seed, step, 0x1A6E)[0] < tr.cfg.train.image_share)
+
+
+def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float]:
+    """One generator update (and one discriminator update in the adversarial phase); returns scalars to log."""
+    cfg, dev = tr.cfg, tr.info.device
+    x = batch["video"].to(dev, non_blocking=True)
+    adversarial = tr.disc is not None and step >= cfg.disc.start
+    tr.model.train()
+    with runtime.autocast(dev, cfg.train.precision):
+        rec = tr.model(x)
+    nll, parts = tr.loss_fn(x, rec)
+    out = {f"loss/{k}": float(v) for k, v in parts.items()}
+    loss = nll
+    if adversarial:
+        # The generator's pass goes through the bare discriminator with frozen weights: no gradient for it here,
+        # and no DDP forward without a matching backward.
+        disc = tr.disc_booster.unwrap(tr.disc)
+        disc.requires_grad_(False)
+        with runtime.autocast(dev, cfg.train.precision):
+            logits_fake = disc(rec)
+        g_loss = generator_adv_loss(logits_fake.float())
+        weight = adaptive_weight(nll, g_loss, tr.last_layer(), cfg.disc.max_adaptive) * cfg.disc.weight
+        loss = nll + weight * g_loss
+        out.update({"loss/g_adv": float(g_loss.detach()), "adaptive_weight": float(weight)})
+        disc.requires_grad_(True)
+    out["loss/total"] = float(loss.detach())
+    tr.booster.backward(loss, tr.optimizer)
+    out["grad_norm"] = tr.booster.step(tr.model, tr.optimizer, cfg.optim.grad_clip)
+    tr.ema.update(tr.module)
+    if adversarial:
+        # Real and fake in one forward: one backward per DDP forward, and BatchNorm sees both in its statistics.
+        with runtime.autocast(dev, cfg.train.precision):
+            logits = tr.disc(torch.cat([x, rec.detach()]))
+        real, fake = logits.float().chunk(2)
+        d_loss = hinge_d_loss(real, fake)
+        tr.disc_booster.backward(d_loss, tr.disc_optimizer)
+        out["disc_grad_norm"] = tr.disc_booster.step(tr.disc, tr.disc_optimizer, 0.0)
+        out.update(
+            {
+                "loss/disc": float(d_loss.detach()),
+                "disc/logits_real": float(real.mean().detach()),
+                "disc/logits_fake": float(fake.mean().detach()),
+            }
+        )
+    out["lr"] = tr.optimizer.param_groups[0]["lr"]
+    out["images"] = float(x.shape[2] == 1)
+    return out
+
+
+@torch.no_grad()
+def evaluate(tr: Trainer) -> tuple[dict[str, float], torch.Tensor | None]:
+    """Mean L1 and PSNR (frames in [0, 1], per frame then mean) of EMA reconstructions of the held-out clips.
+
+    Returns the metrics over all ranks and, on the main rank, one (3, H, 2W) image: a middle frame and its
+    reconstruction side by side.
+    """
+    model, dev, bs = tr.ema.module, tr.info.device, tr.cfg.data.eval_batch
+    l1_sum, psnr_sum, n = 0.0, 0.0, 0
+    preview = None
+    for i in range(0, len(tr.data.heldout), bs):
+        x = torch.stack(tr.data.heldout[i : i + bs]).to(dev)
+        with runtime.autocast(dev, tr.cfg.train.precision):
+            rec = model(x)
+        rec = rec.float().clamp(-1, 1)
+        l1_sum += float((rec - x).abs().mean(dim=(1, 2, 3, 4)).sum())
+        mse = ((rec - x) / 2).pow(2).mean(dim=(1, 3, 4))  # (b, t), frames in [0, 1]
+        psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+        psnr_sum += float(psnr.mean(dim=1).sum())
+        n += x.shape[0]
+        if preview is None:
+            t = x.shape[2] // 2
+            preview = (torch.cat([x[0, :, t], rec[0, :, t]], dim=-1) + 1) / 2
+    l1_sum, psnr_sum, n = runtime.all_reduce_sum([l1_sum, psnr_sum, float(n)], dev)
+    if n == 0:
+        return {}, None
+    return {"val/l1": l1_sum / n, "val/psnr": psnr_sum / n}, preview
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save(tr: Trainer, run_dir: Path) -> Path:
+    """An atomic checkpoint of everything needed to continue exactly (see `runtime.save_checkpoint`)."""
+    states = runtime.all_gather_objects(
+        {
+            "video": tr.data.video.state_dict() if tr.data.video else None,
+            "image": tr.data.image.state_dict() if tr.data.image else None,
+        }
+    )
+    loaders = {k: next((s[k] for s in states if s[k] is not None), None) for k in ("video", "image")}
+
+    def write(path: Path) -> None:
+        (path / "generator").mkdir(exist_ok=True)
+        tr.booster.save_model(tr.model, path / "generator")
+        tr.booster.save_optimizer(tr.optimizer, path / "generator")
+        if tr.disc is not None:
+            (path / "disc").mkdir(exist_ok=True)
+            tr.disc_booster.save_model(tr.disc, path / "disc")
+            tr.disc_booster.save_optimizer(tr.disc_optimizer, path / "disc")
+        (path / "rng").mkdir(exist_ok=True)
+        torch.save(runtime.rng_state(), path / "rng" / f"rank-{tr.info.rank:05d}.pt")
+        if tr.info.is_main:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.contiguous().cpu() for k, v in tr.ema.module.state_dict().items()}, str(path / "ema.safetensors")
+            )
+            doc = {
+                "step": tr.step,
+                "ema_updates": tr.ema.updates,
+                "loaders": loaders,
+                "world_size": tr.info.world_size,
+                "plugin": tr.booster.name,
+            }
+            runtime.write_json(path / "state.json", doc)
+
+    out = runtime.save_checkpoint(run_dir, tr.step, write, tr.info)
+    if tr.info.is_main:
+        runtime.prune_checkpoints(run_dir, tr.cfg.train.keep_checkpoints)
+    return out
+
+
+def load(tr: Trainer, path: Path) -> None:
+    """Continue from a checkpoint folder written by `save`."""
+    import json
+
+    from safetensors.torch import load_file
+
+    doc = json.loads((path / "state.json").read_text())
+    tr.booster.load_model(tr.model, path / "generator")
+    tr.booster.load_optimizer(tr.optimizer, path / "generator")
+    if tr.disc is not None and (path / "disc").is_dir():
+        tr.disc_booster.load_model(tr.disc, path / "disc")
+        tr.disc_booster.load_optimizer(tr.disc_optimizer, path / "disc")
+    tr.ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(tr.info.device)))
+    tr.ema.updates = int(doc["ema_updates"])
+    for name in ("video", "image"):
+        loader, state = getattr(tr.data, name), doc["loaders"].get(name)
+        if loader is not None and state is not None:
+            loader.load_state_dict(state)
+    rng = path / "rng" / f"rank-{tr.info.rank:05d}.pt"
+    if rng.is_file():
+        runtime.set_rng_state(torch.load(rng, weights_only=False))
+    tr.step = int(doc["step"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# run directory and main loop
+
+
+def _comparable(cfg: TokenizerTrainConfig) -> dict[str, Any]:
+    doc = to_dict(cfg)
+    for path in RUN_CONTROL:
+        section, name = path.split(".")
+        doc[section].pop(name, None)
+    return doc
+
+
+def prepare_run_dir(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> Path | None:
+    """Check out_dir and return the checkpoint to resume from (None: fresh run).
+
+    A fresh run needs an out_dir without a previous run's results; `train.overwrite` removes them (only the run's
+    own products). A resumed run must have been started with the same config, up to `RUN_CONTROL` fields.
+    """
+    out = Path(cfg.train.out_dir)
+    products = [out / p for p in RUN_PRODUCTS if (out / p).exists()]
+    others = [p for p in out.iterdir() if p.name not in (*RUN_PRODUCTS, SAMPLE_DATA)] if out.is_dir() else []
+    if cfg.train.overwrite:
+        if info.is_main:
+            for p in products:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        runtime.barrier()
+        products = []
+    if others:
+        raise ConfigError(
+            f"train.out_dir {out} holds files that are not a training run's ({', '.join(p.name for p in others[:4])}); "
+            f"pick an empty or new out_dir"
+        )
+    if not cfg.train.resume:
+        if products:
+            raise ConfigError(
+                f"train.out_dir {out} already holds a run; continue it with --train.resume=auto, or replace its "
+                f"results with --train.overwrite=true"
+            )
+        return None
+    if cfg.train.resume == "auto":
+        ckpt = runtime.latest_checkpoint(out)
+    else:
+        ckpt = Path(cfg.train.resume)
+        if not (ckpt / "state.json").is_file():
+            raise ConfigError(f"train.resume: {ckpt} is not a checkpoint folder (no state.json)")
+    saved = out / "config.json"
+    if ckpt is not None or products:
+        if not saved.is_file():
+            raise ConfigError(f"train.out_dir {out} has results but no config.json; cannot check it is this run")
+        old = _comparable(load_config(saved, TokenizerTrainConfig))
+        if old != _comparable(cfg):
+            diff = sorted(
+                f"{s}.{k}"
+                for s in old
+                for k in set(old[s]) | set(_comparable(cfg)[s])
+                if old[s].get(k) != _comparable(cfg)[s].get(k)
+            )
+            raise ConfigError(
+                f"train.out_dir {out} holds a run with a different config (differs in {', '.join(diff[:6])}); "
+                f"resume with its own config (pass the run directory), or use another out_dir"
+            )
+    return ckpt
+
+
+def fit(cfg: TokenizerTrainConfig, preset_name: str | None = None) -> dict[str, float]:
+    """Run (or continue) training; returns the last logged scalars and the final held-out metrics."""
+    info = runtime.init_distributed(cfg.train.device)
+    t0 = time.time()
+    ckpt = prepare_run_dir(cfg, info)
+    out = Path(cfg.train.out_dir)
+    if info.is_main:
+        save_config(cfg, out, preset=preset_name)
+    tr = build_trainer(cfg, info)
+    logger = runtime.MetricsLogger(out, enabled=info.is_main)
+    if ckpt is not None:
+        load(tr, ckpt)
+        logger.truncate_after(tr.step)
+    else:
+        logger.reset()
+    tc = cfg.train
+    summary: dict[str, float] = {}
+
+    def run_eval() -> None:
+        metrics, preview = evaluate(tr)
+        if metrics:
+            logger.log(tr.step, metrics)
+            summary.update(metrics)
+            if preview is not None and tc.log_images > 0:
+                logger.image("val/reconstruction", preview, tr.step)
+
+    if tr.step == 0:
+        run_eval()
+    video_iter = runtime.forever(tr.data.video) if tr.data.video is not None else None
+    image_iter = runtime.forever(tr.data.image) if tr.data.image is not None else None
+    bar = runtime.progress_bar(tc.steps, tr.step, tc.progress and info.is_main, "tokenizer")
+    try:
+        while tr.step < tc.steps:
+            step = tr.step + 1
+            batch = next(image_iter if uses_images(tr, step) else video_iter)
+            scalars = train_step(tr, batch, step)
+            tr.step = step
+            bar.update(1)
+            if tc.log_every and step % tc.log_every == 0:
+                logger.log(step, scalars)
+                summary.update(scalars)
+                bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
+            if tc.eval_every and step % tc.eval_every == 0:
+                run_eval()
+            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
+                save(tr, out)
+    finally:
+        bar.close()
+        logger.close()
+    if info.is_main:
+        from cinedit.tokenizer.loading import save_pretrained
+
+        save_pretrained(tr.ema.module, out / "model")
+    runtime.barrier()
+    summary["seconds"] = time.time() - t0
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg, name = config_from_argv(KIND, args.args)
+    except ConfigError as e:
+        print(f"cinedit tokenizer train: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        summary = fit(cfg, name)
+    except ConfigError as e:
+        print(f"cinedit tokenizer train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        runtime.destroy_distributed()
+    if summary:
+        print(" ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())))
+    return 0
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `cinedit tokenizer train`."""
+    from cinedit.configs import PRESETS
+
+    names = ", ".join(sorted(PRESETS.get(KIND, {})))
+    p = subparsers.add_parser(
+        "train",
+        help="train a Video DC-AE (L1 + LPIPS, then a 3D PatchGAN phase)",
+        description=f"Train a Video DC-AE from a preset ({names}) or a run directory, with --section.field=value "
+        f"overrides (--help-config lists every field). Continue a run with --train.resume=auto; torchrun launches "
+        f"`python -m cinedit.tokenizer.train` on several processes.",
+    )
+    p.add_argument(
+        "args", nargs=argparse.REMAINDER, metavar="PRESET_OR_RUN_DIR [--section.field=value ...] [--help-config]"
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cinedit.tokenizer.train")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_cli(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(["train", *argv])
+    return args.func(args)
+
+
+__all__ = [
+    "EMAConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TokenizerDataConfig",
+    "TokenizerTrainConfig",
+    "TrainConfig",
+    "Trainer",
+    "build_data",
+    "build_model",
+    "build_trainer",
+    "evaluate",
+    "fit",
+    "main",
+    "split_meta",
+    "train_step",
+]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
