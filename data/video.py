@@ -340,7 +340,7 @@ def write_video(
         crf: x264 quality (0 lossless-ish in luma, 18 visually lossless, 23 default).
         gop: keyframe interval in frames (x264's default, 250, if None); shorter makes seeking cheaper.
     """
-    frames = to_uint8(video) if isinstance(video, torch.Tensor) else np.asarray(video)
+    frames = np.ascontiguousarray(to_uint8(video) if isinstance(video, torch.Tensor) else np.asarray(video))
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected uint8 (T, H, W, 3) frames, got {frames.dtype} {frames.shape}")
     t, h, w, _ = frames.shape
@@ -355,13 +355,16 @@ def write_video(
     with av.open(str(tmp), mode="w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        # One encoder thread makes the output byte-for-byte reproducible.
+        # One encoder thread, explicit conversion and timestamps make the output reproducible, except that the
+        # first encode of a process is now and then slightly different (a few levels on some frames).
         stream.codec_context.thread_count = 1
         if gop:
             stream.codec_context.gop_size = gop
-        stream.options = {"crf": str(crf), "preset": preset}
-        for arr in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+        stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
+        for i, arr in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(arr, format="rgb24").reformat(format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)

@@ -12,6 +12,7 @@ from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import COLUMNS, read_meta
 from cinedit.data.sample import CLIPS, PHOTOS, build_sample_data
 from cinedit.data.sampler import build_dataloader, build_sampler
+from cinedit.data.video import read_video
 
 
 def test_sample_data_is_indexed(sample_data):
@@ -64,13 +65,15 @@ def test_sample_batches_load(sample_data):
     assert np.all([len(t) > 0 for t in batch["text"]])
 
 
-def test_rebuild_is_deterministic_and_keeps_other_files(sample_data, tmp_path):
+def test_rebuild_is_reproducible_and_keeps_other_files(sample_data, tmp_path):
     root, _ = sample_data
     out = tmp_path / "data"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     build_sample_data(out, overwrite=True, progress=False)
     assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "meta.csv").read_text() == (root / "meta.csv").read_text()
     for clip in CLIPS[:3]:
-        name = f"videos/{clip.name}.mp4"
-        assert (out / name).read_bytes() == (root / name).read_bytes()
+        # x264 output is usually byte-identical, but not always for the first encode of a process.
+        a, b = (read_video(d / f"videos/{clip.name}.mp4", num_frames=8) for d in (out, root))
+        assert (a - b).abs().mean() * 127.5 < 1.0
