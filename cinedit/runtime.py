@@ -227,16 +227,15 @@ Booster = TorchBooster | ColossalBooster
 
 
 def resolve_plugin(plugin: str, device: torch.device) -> str:
-    """ "auto" -> "zero2" on CUDA, "torch" on CPU; other names are checked against the device."""
+    """ "auto" -> ColossalAI "zero2" on CUDA, ColossalAI "ddp" on CPU; other names are checked against the device."""
     if plugin not in PLUGINS:
         raise ValueError(f"train.plugin must be one of {list(PLUGINS)}, got {plugin!r}")
     if plugin == "auto":
-        return "zero2" if device.type == "cuda" else "torch"
-    if plugin in ("ddp", "zero2") and device.type != "cuda":
+        return "zero2" if device.type == "cuda" else "ddp"
+    if plugin == "zero2" and device.type != "cuda":
         raise ValueError(
-            f"plugin {plugin!r} (ColossalAI) needs CUDA: on CPU, ColossalAI 0.5.0's TorchDDPPlugin turns BatchNorm "
-            f"into SyncBatchNorm, which DDP refuses on CPU, and LowLevelZeroPlugin asserts a CUDA device; "
-            f"use --train.plugin=torch (or auto)"
+            "plugin 'zero2' (ColossalAI LowLevelZeroPlugin) needs CUDA: ColossalAI 0.5.0's ZeRO optimizer asserts a "
+            "CUDA or NPU device; on CPU use --train.plugin=ddp (ColossalAI TorchDDPPlugin) or torch"
         )
     return plugin
 

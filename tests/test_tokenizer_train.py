@@ -164,11 +164,12 @@ def test_ema_warmup_and_state():
     assert other.updates == 1 and torch.equal(other.module.weight, ema.module.weight)
 
 
-def test_colossalai_plugins_refused_on_cpu():
-    info = runtime.DistInfo(0, 1, 0, torch.device("cpu"))
-    with pytest.raises(ValueError, match="SyncBatchNorm"):
-        runtime.build_booster("ddp", info)
-    assert runtime.build_booster("auto", info).name == "torch"
+def test_plugin_resolution_on_cpu():
+    cpu = torch.device("cpu")
+    assert runtime.resolve_plugin("auto", cpu) == "ddp"  # ColossalAI's TorchDDPPlugin
+    assert runtime.resolve_plugin("torch", cpu) == "torch"
+    with pytest.raises(ValueError, match="asserts a CUDA or NPU device"):
+        runtime.resolve_plugin("zero2", cpu)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -273,3 +274,14 @@ def test_short_run_lowers_heldout_loss(meta, tmp_path):
     print(json.dumps({"before": before, "after": after}))
     assert after["val/l1"] < 0.95 * before["val/l1"]
     assert after["val/psnr"] > before["val/psnr"] + 0.25
+
+
+def test_colossalai_booster_and_plain_torch_give_the_same_losses(meta, tmp_path):
+    """The default CPU path runs through ColossalAI's booster; the plain torch path must train identically."""
+    extra = ("--train.steps=3", "--disc.start=1", "--train.ckpt_every=0", "--train.eval_every=0")
+    runs = {}
+    for plugin in ("ddp", "torch"):
+        out = tmp_path / plugin
+        assert train_mod.main(args(meta, out, f"--train.plugin={plugin}", *extra)) == 0
+        runs[plugin] = losses(out)
+    assert len(runs["ddp"]) == 3 and runs["ddp"] == runs["torch"]

@@ -393,7 +393,12 @@ def build_trainer(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> Trainer:
     if cfg.disc.enabled:
         d = cfg.disc
         disc = build_discriminator(d)
-        tr.disc_booster = runtime.build_booster(cfg.train.plugin, info, 0.0, cfg.train.precision)
+        plugin = runtime.resolve_plugin(cfg.train.plugin, info.device)
+        if plugin == "ddp" and info.device.type == "cpu":
+            # ColossalAI's TorchDDPPlugin turns BatchNorm into SyncBatchNorm, which DDP refuses on CPU modules; the
+            # discriminator (BatchNorm3d) takes the plain torch path there, the autoencoder still the booster.
+            plugin = "torch"
+        tr.disc_booster = runtime.build_booster(plugin, info, 0.0, cfg.train.precision)
         disc_opt = build_optimizer(disc.parameters(), d.lr, d.betas, d.weight_decay)
         tr.disc, tr.disc_optimizer = tr.disc_booster.boost(disc, disc_opt)
     return tr
