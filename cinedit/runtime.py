@@ -3,12 +3,11 @@ checkpoint directories, metrics logging and the progress bar.
 
 Plugins (`build_booster`):
 
+- ``"ddp"``: ColossalAI's `TorchDDPPlugin`; runs on CPU (gloo) and GPU. On CPU it cannot take modules with
+  BatchNorm (it converts them to SyncBatchNorm, which DDP refuses on CPU), so such modules use ``"torch"``.
+- ``"zero2"``: ColossalAI's `LowLevelZeroPlugin` (stage 2, bf16); GPU only (it asserts a CUDA/NPU device).
 - ``"torch"``: plain PyTorch, DDP when the world has more than one process, the bare module otherwise.
-  The default on CPU: ColossalAI 0.5.0's `TorchDDPPlugin` converts every BatchNorm to SyncBatchNorm,
-  which DDP refuses on CPU modules (the tokenizer's discriminator has BatchNorm3d), and
-  `LowLevelZeroPlugin` asserts a CUDA/NPU accelerator.
-- ``"ddp"`` / ``"zero2"``: ColossalAI's `TorchDDPPlugin` / `LowLevelZeroPlugin` (stage 2, bf16), for GPUs.
-- ``"auto"``: ``"zero2"`` on CUDA, ``"torch"`` on CPU.
+- ``"auto"``: ``"zero2"`` on CUDA, ``"ddp"`` on CPU.
 """
 
 from __future__ import annotations
@@ -170,7 +169,7 @@ class TorchBooster:
 
 
 class ColossalBooster:
-    """ColossalAI's `Booster` with `TorchDDPPlugin` ("ddp") or `LowLevelZeroPlugin` ("zero2", bf16) (GPU)."""
+    """ColossalAI's `Booster` with `TorchDDPPlugin` ("ddp", CPU or GPU) or `LowLevelZeroPlugin` ("zero2", GPU)."""
 
     def __init__(self, info: DistInfo, plugin: str, max_norm: float, precision: str):
         with warnings.catch_warnings():
