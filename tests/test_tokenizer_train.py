@@ -259,21 +259,23 @@ def test_resume_reproduces_uninterrupted_losses_exactly(meta, tmp_path, monkeypa
 
 def test_short_run_lowers_heldout_loss(meta, tmp_path):
     out = tmp_path / "run"
-    # Measured over runs: held-out L1 0.528 -> 0.40-0.49, PSNR 10.5 -> 10.9-12.4 dB in 100 steps (~12 s on 2 CPU
-    # cores). The spread comes from the clips: x264 sometimes encodes the first clip of a process slightly differently.
+    # Measured: held-out L1 0.528 -> 0.31-0.38, PSNR 10.5 -> 12.7-14.0 dB in 100 steps (~12 s on 2 CPU cores),
+    # depending on what ran before in the process (thread pools change float summation order). At lr 1e-3 the
+    # same run ended anywhere in 0.40-0.52: too unstable to test.
+    steps = 100
     extra = (
-        "--train.steps=100",
-        "--train.eval_every=100",
+        f"--train.steps={steps}",
+        f"--train.eval_every={steps}",
         "--disc.start=-1",
         "--train.ckpt_every=0",
-        "--optim.lr=1e-3",
+        "--optim.lr=5e-4",
     )
     assert train_mod.main(args(meta, out, *extra)) == 0
     val = {r["step"]: r for r in runtime.read_metrics(out) if "val/l1" in r}
-    before, after = val[0], val[100]
+    before, after = val[0], val[steps]
     print(json.dumps({"before": before, "after": after}))
-    assert after["val/l1"] < 0.95 * before["val/l1"]
-    assert after["val/psnr"] > before["val/psnr"] + 0.25
+    assert after["val/l1"] < 0.9 * before["val/l1"]
+    assert after["val/psnr"] > before["val/psnr"] + 0.5
 
 
 def test_colossalai_booster_and_plain_torch_give_the_same_losses(meta, tmp_path):
