@@ -110,17 +110,42 @@ def check_dcae(meta: dict, tensors: dict[str, torch.Tensor], folder: Path, tol: 
     return report
 
 
-CHECKS = {"dcae": check_dcae}
+# component -> check(meta, tensors, folder, tol) -> ParityReport; "module:function" entries import lazily.
+CHECKS = {
+    "dcae": check_dcae,
+    "mmdit": "cinedit.eval.parity_mmdit:check_mmdit",
+    "sampling_tables": "cinedit.eval.parity_sampling:check_sampling_tables",
+    "sampling_i2v": "cinedit.eval.parity_sampling:check_sampling_i2v",
+}
 
 
 def component_of(meta: dict, path: Path) -> str:
-    """Which model a fixture exercises, from its `component` text or its file name."""
+    """Which check a fixture needs, from its `component` text, its keys or its file name."""
     text = f"{meta.get('component', '')} {path.name}".lower()
     if "dc-ae" in text or "dcae" in text:
         return "dcae"
+    if "mmdit_config" in meta or "sampling_i2v" in text or "denoise" in str(meta.get("call", "")).lower():
+        return "sampling_i2v"
+    if "mmdit" in text:
+        return "mmdit"
+    if "sampling" in text or "timestep" in text:
+        return "sampling_tables"
     raise FixtureError(
         f"{path.name}: unknown component {meta.get('component')!r}; this command replays: {', '.join(CHECKS)}"
     )
+
+
+def _check_fn(kind: str):
+    check = CHECKS[kind]
+    if isinstance(check, str):
+        import importlib
+
+        module, _, name = check.partition(":")
+        try:
+            check = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise FixtureError(f"{kind} fixtures are not supported by this version of cinedit") from None
+    return check
 
 
 def check_fixture(path: str | Path, atol: float | None = None, rtol: float | None = None) -> ParityReport:
@@ -129,7 +154,7 @@ def check_fixture(path: str | Path, atol: float | None = None, rtol: float | Non
     meta, tensors, folder = read_fixture(path)
     kind = component_of(meta, path)
     tol = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
-    report = CHECKS[kind](meta, tensors, folder, tol)
+    report = _check_fn(kind)(meta, tensors, folder, tol)
     report.fixture, report.component = path.name, kind
     if not report.results:
         raise FixtureError(f"{path.name}: no stored outputs to compare")
