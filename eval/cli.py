@@ -23,7 +23,10 @@ def _parity(args: argparse.Namespace) -> int:
         print(f"{report.fixture} ({report.component})")
         for r in report.results:
             status = "ok" if r.ok else "FAIL"
-            print(f"  {r.name:<40} max abs diff {r.max_abs_diff:.3e}  (atol {r.atol:g}, rtol {r.rtol:g})  {status}")
+            if report.component == "schema":
+                print(f"  {r.name:<40} {int(r.max_abs_diff)}  {status}")
+            else:
+                print(f"  {r.name:<40} max abs diff {r.max_abs_diff:.3e}  (atol {r.atol:g}, rtol {r.rtol:g})  {status}")
         failed += not report.ok
     if failed:
         print(f"{failed} of {len(args.fixtures)} fixture(s) failed", file=sys.stderr)

@@ -64,6 +64,8 @@ def read_fixture(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise FixtureError(f"{path}: not valid JSON ({e})") from None
+    if "keys" in meta and "file" not in meta:
+        return meta, {}, path.parent  # a schema: key names and shapes only
     tensor_file = path.parent / meta.get("file", path.with_suffix(".safetensors").name)
     if not tensor_file.is_file():
         raise FixtureError(f"{path}: its tensor file {tensor_file.name} is missing beside it")
@@ -110,8 +112,38 @@ def check_dcae(meta: dict, tensors: dict[str, torch.Tensor], folder: Path, tol: 
     return report
 
 
+def check_schema(meta: dict, tensors: dict[str, torch.Tensor], folder: Path, tol) -> ParityReport:
+    """A full-size state-dict schema: our model built on the meta device from the recorded config has exactly
+    its keys and shapes (reported as the number of mismatches) and parameter count."""
+    text = meta.get("component", "").lower()
+    with torch.device("meta"):
+        if "dc-ae" in text:
+            from cinedit.tokenizer.model import VideoDCAE, config_from_reference
+
+            model = VideoDCAE(config_from_reference(meta["resolved_config"]))
+        elif "mmdit" in text:
+            from cinedit.generator.model import MMDiT
+            from cinedit.generator.model import config_from_reference as mmdit_config
+
+            model = MMDiT(mmdit_config(meta["config"]))
+        else:
+            raise FixtureError(f"schema of an unknown component {meta.get('component')!r}")
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ref = {k: tuple(v["shape"]) for k, v in meta["keys"].items()}
+    missing, unexpected = sorted(set(ref) - set(ours)), sorted(set(ours) - set(ref))
+    wrong = sorted(k for k in set(ref) & set(ours) if ref[k] != ours[k])
+    report = ParityReport("", "schema")
+    for name, bad in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+        report.results.append(Comparison(name, float(len(bad)), 0.0, 0.0, not bad, (len(ref),)))
+    params = sum(v.numel() for v in model.parameters())
+    want = meta.get("total_parameters", params)
+    report.results.append(Comparison("parameter count", float(abs(params - want)), 0.0, 0.0, params == want, ()))
+    return report
+
+
 # component -> check(meta, tensors, folder, tol) -> ParityReport; "module:function" entries import lazily.
 CHECKS = {
+    "schema": check_schema,
     "dcae": check_dcae,
     "mmdit": "cinedit.eval.parity_mmdit:check_mmdit",
     "sampling_tables": "cinedit.eval.parity_sampling:check_sampling_tables",
@@ -122,6 +154,8 @@ CHECKS = {
 def component_of(meta: dict, path: Path) -> str:
     """Which check a fixture needs, from its `component` text, its keys or its file name."""
     text = f"{meta.get('component', '')} {path.name}".lower()
+    if "keys" in meta and "file" not in meta:
+        return "schema"
     if "dc-ae" in text or "dcae" in text:
         return "dcae"
     if "mmdit_config" in meta or "sampling_i2v" in text or "denoise" in str(meta.get("call", "")).lower():

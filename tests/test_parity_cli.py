@@ -96,3 +96,11 @@ def test_bad_fixtures_fail_clearly(tmp_path, capsys):
     save_file({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
     assert main(["eval", "parity", str(tmp_path / "x.json")]) == 1
     assert "unknown component" in capsys.readouterr().err
+
+
+@needs_fixtures
+def test_the_whole_shared_fixture_folder_passes(capsys):
+    files = sorted(map(str, FIXTURES.glob("*.json")))
+    assert main(["eval", "parity", *files]) == 0
+    out = capsys.readouterr().out
+    assert "(schema)" in out and "(mmdit)" in out and "(sampling_i2v)" in out and "FAIL" not in out

@@ -1,0 +1,178 @@
+"""Reading and writing MMDiT weights: our format and the release's single file.
+
+- Ours: a folder with `config.json` (the `MMDiTConfig`) and `model.safetensors` (`save_pretrained`).
+- The release: one safetensors file whose key names are also ours (`load_pretrained`); its architecture is
+  read off the tensor shapes (`infer_config`). Wrapper prefixes such as `module.` are stripped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cinedit.generator.model import MMDiT, MMDiTConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Prefixes that training wrappers put in front of every key (DDP, torch.compile, EMA / checkpoint dicts).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "ema.")
+RELEASE_AXES_DIM = [16, 56, 56]
+RELEASE_THETA = 10000
+
+
+def save_pretrained(model: MMDiT, out_dir: str | os.PathLike) -> Path:
+    """Write `config.json` + `model.safetensors` into `out_dir`, each atomically (weights first)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = out / f".{WEIGHTS_NAME}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt", "class": "MMDiT"})
+    os.replace(tmp, out / WEIGHTS_NAME)
+    doc = {"_class": "MMDiT", **dataclasses.asdict(model.config)}
+    tmp = out / f".{CONFIG_NAME}.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, out / CONFIG_NAME)
+    return out
+
+
+def read_config(path: str | os.PathLike) -> MMDiTConfig:
+    """The `MMDiTConfig` saved in a model folder's `config.json`."""
+    doc = json.loads(Path(path).read_text())
+    doc.pop("_class", None)
+    known = {f.name for f in dataclasses.fields(MMDiTConfig)}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown MMDiTConfig fields {unknown}; was it written by a newer cinedit?")
+    return MMDiTConfig(**doc)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Map external key names to ours: drop a given `prefix`, else wrapper prefixes shared by every key."""
+    if prefix is not None:
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    changed = True
+    while changed and state:
+        changed = False
+        for p in WRAPPER_PREFIXES:
+            if all(k.startswith(p) for k in state):
+                state = {k[len(p) :]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def infer_config(state: dict[str, torch.Tensor]) -> MMDiTConfig:
+    """The architecture of a release-layout state dict, read off its tensor shapes.
+
+    RoPE has no weights: head dim 128 gets the release's axes [16, 56, 56], theta 10000 and rotate-half
+    layout; other head dims need an explicit config. Without `cond_in` the patch size cannot be seen and is
+    taken as 2 for 64 input channels (16-channel VAE) and 1 otherwise.
+    """
+    if "img_in.weight" not in state:
+        raise ValueError(
+            f"not an MMDiT checkpoint: no `img_in.weight` among its {len(state)} tensors "
+            f"(first keys: {sorted(state)[:3]})"
+        )
+    hidden, in_channels = state["img_in.weight"].shape
+
+    def count(kind: str) -> int:
+        found = {int(m.group(1)) for k in state if (m := re.match(rf"^{kind}\.(\d+)\.", k))}
+        return max(found) + 1 if found else 0
+
+    depth, single = count("double_blocks"), count("single_blocks")
+    if depth:
+        head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+        mlp_hidden = state["double_blocks.0.img_mlp.0.weight"].shape[0]
+        qkv_bias = "double_blocks.0.img_attn.q_proj.bias" in state
+    elif single:
+        head_dim = state["single_blocks.0.norm.query_norm.scale"].shape[0]
+        mlp_hidden = state["single_blocks.0.v_mlp.weight"].shape[0] - hidden
+        qkv_bias = True  # only double blocks show it
+    else:
+        raise ValueError("MMDiT checkpoint without any double or single blocks")
+    if head_dim != sum(RELEASE_AXES_DIM):
+        raise ValueError(f"head dim {head_dim} is not the release's 128: pass the MMDiTConfig (RoPE axes) explicitly")
+    cond_embed = "cond_in.weight" in state
+    if cond_embed:
+        patch_sq = state["cond_in.weight"].shape[1] - in_channels  # the mask channel, packed p x p
+        patch_size = {1: 1, 4: 2}.get(patch_sq)
+        if patch_size is None:
+            raise ValueError(f"cond_in is {patch_sq} wider than img_in: expected 1 (patch 1) or 4 (patch 2)")
+    else:
+        patch_size = 2 if in_channels == 64 else 1
+    return MMDiTConfig(
+        in_channels=in_channels,
+        patch_size=patch_size,
+        hidden_size=hidden,
+        num_heads=hidden // head_dim,
+        depth=depth,
+        depth_single_blocks=single,
+        mlp_ratio=mlp_hidden / hidden,
+        axes_dim=list(RELEASE_AXES_DIM),
+        theta=RELEASE_THETA,
+        qkv_bias=qkv_bias,
+        vec_in_dim=state["vector_in.in_layer.weight"].shape[1],
+        context_in_dim=state["txt_in.weight"].shape[1],
+        cond_embed=cond_embed,
+        rope_layout="rotate_half",
+    )
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    config: MMDiTConfig | None = None,
+    prefix: str | None = None,
+    strict: bool = True,
+    dtype: torch.dtype | None = None,
+) -> MMDiT:
+    """An MMDiT from our model folder or from a release-style single safetensors file.
+
+    With `strict` the model is built on the meta device and takes the file's tensors as they are (no second
+    copy of 11B parameters); `dtype` then casts them (default: the file's dtype).
+
+    Args:
+        config: the architecture of a single-file checkpoint; by default read off its tensor shapes.
+        prefix: key prefix to strip (default: common wrapper prefixes such as `module.` are removed).
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path}: a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        config = config or read_config(path / CONFIG_NAME)
+        path = path / WEIGHTS_NAME
+    elif not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (a model folder or a .safetensors file)")
+    elif path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only safetensors checkpoints are read (convert .pt/.ckpt files first)")
+    state = adapt_state_dict(read_state_dict(path), prefix)
+    config = config or infer_config(state)
+    if not strict:
+        model = MMDiT(config)
+        model.load_state_dict(state, strict=False)
+        return model if dtype is None else model.to(dtype)
+    with torch.device("meta"):
+        model = MMDiT(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path} does not match the model: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}), {len(wrong)} with other shapes "
+            f"(e.g. {wrong[:3]}); pass the right config or prefix"
+        )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model if dtype is None else model.to(dtype)
