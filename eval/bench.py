@@ -1,18 +1,41 @@
-"""Benchmarks: tokenizer encode / decode throughput (frames/s) and peak memory at a given clip shape."""
+"""Benchmarks: tokenizer encode / decode throughput and generator (MMDiT, optionally diffusers' Flux) training steps.
+
+Every measurement builds its model in its own process on CPU (`spawn`), so the memory one model freed (and the C
+allocator kept) does not hide the next one's peak. The first call is the memory measurement and the warm-up; the
+time is the median of `repeats` further calls.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import multiprocessing
 import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 import psutil
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of torch.cuda.get_device_name in this
+# order (the more specific names first). "H100" alone is the SXM part ("NVIDIA H100 80GB HBM3").
+BF16_DENSE_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("B200", 2250.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+)
 
 
 @contextmanager
@@ -56,6 +79,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})"
+
+
+def _run_info(dev: torch.device, dtype: str, repeats: int) -> dict:
+    return {
+        "device": _device_name(dev),
+        "threads": torch.get_num_threads(),
+        "dtype": dtype,
+        "repeats": repeats,
+        "torch": torch.__version__,
+    }
+
+
+def _measure(fn: Callable[[], Any], dev: torch.device, repeats: int, warmup: int = 1) -> dict:
+    """Peak memory of a first call, `warmup` - 1 more untimed calls, then the median wall time of `repeats` calls."""
+    with peak_memory(dev) as mem:
+        fn()
+    for _ in range(warmup - 1):
+        fn()
+    times = []
+    for _ in range(max(repeats, 1)):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": sorted(times)[len(times) // 2], "peak_mb": mem["peak_mb"]}
+
+
+def _isolated(fn: Callable[..., dict], args: tuple, dev: torch.device) -> dict:
+    """fn(*args) in a fresh spawned process on CPU (fn must be module-level), in this process on CUDA."""
+    if dev.type != "cpu":
+        return fn(*args)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
 def _phase(preset: str, phase: str, shape: list[int], device: str, dtype: str, repeats: int) -> dict:
     """Build the model and an input, measure the first call's peak memory, then time `repeats` calls."""
     from cinedit.tokenizer.model import PRESETS, VideoDCAE
@@ -74,17 +144,9 @@ def _phase(preset: str, phase: str, shape: list[int], device: str, dtype: str, r
         inp = torch.randn(b, c, lt, lh, lw, device=dev, dtype=dt)
         fn = lambda: model.decode(inp, t)  # noqa: E731
     with torch.no_grad():
-        with peak_memory(dev) as mem:
-            fn()
-        times = []
-        for _ in range(repeats):
-            _sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-    med = sorted(times)[len(times) // 2]
-    return {"median_s": round(med, 4), "frames_per_s": round(b * t / med, 2), "peak_mb": round(mem["peak_mb"], 1)}
+        m = _measure(fn, dev, repeats)
+    med = m["median_s"]
+    return {"median_s": round(med, 4), "frames_per_s": round(b * t / med, 2), "peak_mb": round(m["peak_mb"], 1)}
 
 
 def bench_tokenizer(
@@ -98,35 +160,249 @@ def bench_tokenizer(
 ) -> dict:
     """Encode and decode speed and peak memory on a (batch, 3, T, size, size) clip; each phase runs on its own.
 
-    On CPU every phase runs in a fresh process, so the memory one phase freed (and the C allocator kept) does
-    not hide the next phase's peak. The first call is the memory measurement and the warm-up; the time is
-    the median of `repeats` further calls.
+    On CPU every phase runs in a fresh process (see the module docstring).
     """
     from cinedit.tokenizer.model import PRESETS, VideoDCAE
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = _resolve_device(device)
     with torch.device("meta"):
         params = sum(p.numel() for p in VideoDCAE(PRESETS[preset]()).parameters())
     shape = [batch, 3, num_frames, size, size]
-    result: dict = {
-        "benchmark": "tokenizer",
-        "preset": preset,
-        "params_m": round(params / 1e6, 1),
-        "shape": shape,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})",
-        "threads": torch.get_num_threads(),
-        "dtype": dtype,
-        "repeats": repeats,
-        "torch": torch.__version__,
-    }
+    result: dict = {"benchmark": "tokenizer", "preset": preset, "params_m": round(params / 1e6, 1), "shape": shape}
+    result.update(_run_info(dev, dtype, repeats))
     for phase in ("encode", "decode"):
-        args = (preset, phase, shape, device, dtype, repeats)
-        if dev.type == "cpu":
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(1) as pool:
-                result[phase] = pool.apply(_phase, args)
-        else:
-            result[phase] = _phase(*args)
+        result[phase] = _isolated(_phase, (preset, phase, shape, str(dev), dtype, repeats), dev)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- generator
+
+
+def mid_config():
+    """The benchmark's mid-size MMDiT (not a training preset): 73.2M parameters, small enough for a CPU step.
+
+    Hidden 512 = 8 heads of 64, 4 double + 8 single blocks, MLP ratio 4, RoPE axes (t, h, w) = [8, 28, 28] (the
+    release's [16, 56, 56] halved with the head dim); DC-AE c128 tokens (patch 1), T5-XXL text (4096) and CLIP-L
+    pooled (768) inputs as in the release, so the embedders have their real widths.
+    """
+    from cinedit.generator.model import MMDiTConfig
+
+    return MMDiTConfig(
+        in_channels=128,
+        patch_size=1,
+        hidden_size=512,
+        num_heads=8,
+        depth=4,
+        depth_single_blocks=8,
+        axes_dim=[8, 28, 28],
+    )
+
+
+def generator_presets() -> dict[str, Callable]:
+    """The generator's PRESETS plus the benchmark-only "mid" (`mid_config`)."""
+    from cinedit.generator.model import PRESETS
+
+    return {**PRESETS, "mid": mid_config}
+
+
+def mmdit_flops(cfg, num_img_tokens: int, txt_len: int, batch: int = 1) -> dict[str, int]:
+    """Analytic matmul FLOPs (2 per multiply-add) of the MMDiT on a joint sequence, for t2v (no i2v condition).
+
+    With D = hidden, M = mlp hidden (= mlp_ratio * D), L_i image tokens, L_t text tokens, L = L_i + L_t,
+    C = in_channels, C_t = context_in_dim, V = vec_in_dim, per sample:
+
+    - embedders: 2 L_i C D (img_in) + 2 L_t C_t D (txt_in) + 2 (256 D + D^2) (time_in) + 2 (V D + D^2) (vector_in);
+      with cond=None, cond_in adds only its bias (no matmul);
+    - each double block: 2 * 2 D 6D (img/txt modulation) + 8 L D^2 (q, k, v, o over both streams)
+      + 4 L^2 D (QK^T and AV over the joint sequence) + 4 L D M (MLP up + down);
+    - each single block: 2 D 3D (modulation) + 4 L D^2 (q, k) + 2 L D (D + M) (v + MLP up, `v_mlp`)
+      + 2 L (D + M) D (`linear2`) + 4 L^2 D = 6 D^2 + 8 L D^2 + 4 L D M + 4 L^2 D: the same per-token cost as a
+      double block, only the modulation is smaller;
+    - final layer: 2 D 2D (adaLN) + 2 L_i D C (linear).
+
+    forward = batch * (sum of the above). A training step counts the backward as twice the forward
+    (grad-input + grad-weight matmuls of every layer, and two matmuls per attention product):
+    train_step = 3 * forward. Not counted (as FlopCounterMode does not count them): norms, RoPE, softmax,
+    activations, residual adds and modulation (elementwise, O(L D), under 1% here); and the backward is slightly
+    overcounted, since the input layers' grad-input matmuls (img_in, txt_in, time_in/vector_in first linears) are
+    never computed - 2 (L_i C + L_t C_t) D + 2 (256 + V) D per sample.
+    """
+    d, m, li, lt = cfg.hidden_size, cfg.mlp_hidden, num_img_tokens, txt_len
+    seq = li + lt
+    embed = 2 * li * cfg.in_channels * d + 2 * lt * cfg.context_in_dim * d
+    embed += 2 * (256 * d + d * d) + 2 * (cfg.vec_in_dim * d + d * d)
+    per_token = 8 * seq * d * d + 4 * seq * d * m + 4 * seq * seq * d
+    double = cfg.depth * (2 * 2 * d * 6 * d + per_token)
+    single = cfg.depth_single_blocks * (2 * d * 3 * d + per_token)
+    final = 2 * d * 2 * d + 2 * li * d * cfg.in_channels
+    parts = {"embedders": embed, "double_blocks": double, "single_blocks": single, "final_layer": final}
+    out = {k: batch * v for k, v in parts.items()}
+    out["forward"] = sum(out.values())
+    out["train_step"] = 3 * out["forward"]
+    return out
+
+
+def video_grid(cfg, num_frames: int, size: int) -> tuple[int, int, int]:
+    """(t, h, w) token grid of a num_frames x size x size clip for this config's tokenizer and patch size.
+
+    patch_size 1 means Video DC-AE latents (4x time, 32x space; T = 1 or a multiple of 4); patch_size 2 means
+    the 16-channel HunyuanVAE (causal 4x time: 1 + (T - 1) // 4 frames; 8x space) patched 2x2.
+    """
+    if cfg.patch_size == 1:
+        if size % 32 or (num_frames != 1 and num_frames % 4):
+            raise ValueError(f"DC-AE needs size % 32 == 0 and frames 1 or a multiple of 4, got {num_frames}x{size}")
+        t, side = (1 if num_frames == 1 else num_frames // 4), size // 32
+    else:
+        if size % 16:
+            raise ValueError(f"HunyuanVAE with patch 2 needs size % 16 == 0, got {size}")
+        t, side = 1 + (num_frames - 1) // 4, size // 16
+    return t, side, side
+
+
+def seq_grid(num_img_tokens: int) -> tuple[int, int, int]:
+    """A single-frame (1, h, w) grid of exactly num_img_tokens, as square as its divisors allow."""
+    if num_img_tokens < 1:
+        raise ValueError(f"need at least one image token, got {num_img_tokens}")
+    h = max(k for k in range(1, math.isqrt(num_img_tokens) + 1) if num_img_tokens % k == 0)
+    return 1, h, num_img_tokens // h
+
+
+def bf16_peak_flops(device_name: str) -> float | None:
+    """The dense bf16 peak FLOP/s of a GPU by its name (`BF16_DENSE_PEAK_TFLOPS`), None if unknown."""
+    for key, tflops in BF16_DENSE_PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops * 1e12
+    return None
+
+
+def flux_from_config(cfg):
+    """diffusers' FluxTransformer2DModel at the MMDiT's shape, randomly initialised (nothing downloaded).
+
+    Same width (heads x head dim), depth (num_layers = double, num_single_layers = single), in_channels (patch 1:
+    it takes the same packed tokens), joint_attention_dim = context width, pooled_projection_dim = vec width,
+    RoPE axes, no guidance embedding. Flux's MLP ratio is fixed at 4 and its q/k/v always have biases; it has no
+    cond_in.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=cfg.in_channels,
+        num_layers=cfg.depth,
+        num_single_layers=cfg.depth_single_blocks,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_heads,
+        joint_attention_dim=cfg.context_in_dim,
+        pooled_projection_dim=cfg.vec_in_dim,
+        guidance_embeds=False,
+        axes_dims_rope=tuple(cfg.axes_dim),
+    )
+
+
+def _train_phase(
+    which: str, cfg, grid: tuple[int, int, int], txt_len: int, batch: int, device: str, dtype: str, repeats: int
+) -> dict:
+    """Time training steps (zero grads, forward, MSE loss on a random target, backward; no optimizer step)."""
+    import torch.nn.functional as F
+
+    from cinedit.generator.math import make_ids, make_txt_ids
+    from cinedit.generator.model import MMDiT
+
+    dev, dt = torch.device(device), DTYPES[dtype]
+    torch.manual_seed(0)
+    if which == "flux":
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()  # its .to(dtype) warns about fp32 modules, of which Flux has none
+    model = (MMDiT(cfg) if which == "mmdit" else flux_from_config(cfg)).to(dev, dt).train()
+    params = sum(p.numel() for p in model.parameters())
+    n = grid[0] * grid[1] * grid[2]
+    img = torch.randn(batch, n, cfg.in_channels, device=dev, dtype=dt)
+    txt = torch.randn(batch, txt_len, cfg.context_in_dim, device=dev, dtype=dt)
+    y_vec = torch.randn(batch, cfg.vec_in_dim, device=dev, dtype=dt)
+    t = torch.rand(batch, device=dev)
+    img_ids, txt_ids = make_ids(*grid, batch=batch, device=dev), make_txt_ids(batch, txt_len, device=dev)
+    target = torch.randn(batch, n, cfg.in_channels, device=dev)
+    if which == "mmdit":
+        forward = lambda: model(img, img_ids, txt, txt_ids, t, y_vec)  # noqa: E731
+    else:
+        forward = lambda: model(img, txt, y_vec, t, img_ids[0], txt_ids[0], return_dict=False)[0]  # noqa: E731
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.mse_loss(forward().float(), target).backward()
+
+    # Two warm-up steps: diffusers' Flux runs its first two steps ~100x slower on CPU (one-time setup).
+    m = _measure(step, dev, repeats, warmup=2)
+    return {"params": params, "median_s": m["median_s"], "peak_mb": m["peak_mb"]}
+
+
+def bench_generator(
+    preset: str = "debug",
+    num_img_tokens: int | None = 256,
+    txt_len: int = 64,
+    batch: int = 1,
+    repeats: int = 3,
+    device: str = "auto",
+    dtype: str = "fp32",
+    with_flux: bool = False,
+    grid: tuple[int, int, int] | None = None,
+) -> dict:
+    """One generator training step (forward + backward, no optimizer step) on random inputs: time, FLOPs, memory.
+
+    The sequence is num_img_tokens image tokens on a single-frame grid (`seq_grid`), or a given (t, h, w) `grid`
+    (see `video_grid`), plus txt_len text tokens. Reports per model: parameters, median step time, tokens/s
+    ((img + txt tokens) x batch / time), analytic FLOPs per step (`mmdit_flops`, train_step), achieved FLOP/s, peak
+    memory of the first step above the built model (activations + gradients; the step is timed after two warm-up
+    steps), and on a known GPU MFU against
+    its dense bf16 peak (whatever `dtype` is). With `with_flux`, diffusers' FluxTransformer2DModel of the same
+    shape (`flux_from_config`) is measured the same way; its matmuls are the MMDiT's one for one (fused
+    `v_mlp` = Flux's to_v + proj_mlp), so the same count applies with MLP ratio 4. Presets: the generator's
+    (`debug`, `2b`, `11b`, `11b-dcae`) and `mid` (`mid_config`). On CPU each model runs in its own process.
+    """
+    presets = generator_presets()
+    if preset not in presets:
+        raise ValueError(f"unknown generator preset {preset!r}, expected one of {sorted(presets)}")
+    cfg = presets[preset]()
+    if grid is None:
+        if num_img_tokens is None:
+            raise ValueError("give num_img_tokens or grid")
+        grid = seq_grid(num_img_tokens)
+    grid = tuple(int(g) for g in grid)
+    n_img = grid[0] * grid[1] * grid[2]
+    dev = _resolve_device(device)
+    flops = mmdit_flops(cfg, n_img, txt_len, batch)
+    result: dict = {
+        "benchmark": "generator",
+        "preset": preset,
+        "config": dataclasses.asdict(cfg),
+        "img_tokens": n_img,
+        "grid": list(grid),
+        "txt_tokens": txt_len,
+        "batch": batch,
+        "step": "forward + MSE loss + backward, no optimizer step",
+        "flops": flops,
+    }
+    result.update(_run_info(dev, dtype, repeats))
+    peak = bf16_peak_flops(result["device"]) if dev.type == "cuda" else None
+    models = {"mmdit": (cfg, flops)}
+    if with_flux:
+        flux_flops = mmdit_flops(dataclasses.replace(cfg, mlp_ratio=4.0), n_img, txt_len, batch)
+        models["flux"] = (cfg, flux_flops)
+    for which, (mcfg, fl) in models.items():
+        r = _isolated(_train_phase, (which, mcfg, grid, txt_len, batch, str(dev), dtype, repeats), dev)
+        med = r["median_s"]
+        achieved = fl["train_step"] / med
+        out = {
+            "params": r["params"],
+            "params_m": round(r["params"] / 1e6, 2),
+            "median_s": round(med, 4),
+            "tokens_per_s": round((n_img + txt_len) * batch / med, 1),
+            "flops_per_step": fl["train_step"],
+            "gflops_per_s": round(achieved / 1e9, 2),
+            "peak_mb": round(r["peak_mb"], 1),
+        }
+        if peak is not None:
+            out["mfu"] = round(achieved / peak, 4)
+        result[which] = out
     return result

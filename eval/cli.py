@@ -37,15 +37,65 @@ def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from cinedit.eval.bench import bench_tokenizer
+    from cinedit.eval import bench
 
-    res = bench_tokenizer(args.preset, args.frames, args.size, args.batch, args.repeats, args.device, args.dtype)
-    print(
-        f"tokenizer {res['preset']} ({res['params_m']}M params), input {res['shape']}, {res['device']}, {res['dtype']}"
-    )
-    for name in ("encode", "decode"):
-        r = res[name]
-        print(f"  {name}: {r['frames_per_s']} frames/s ({r['median_s']} s per call), peak memory +{r['peak_mb']} MB")
+    if args.model == "tokenizer":
+        extra = [flag for flag, value in (("--seq", args.seq), ("--txt-len", args.txt_len)) if value is not None]
+        if args.with_flux:
+            extra.append("--with-flux")
+        if extra:
+            print(f"error: {', '.join(extra)} only apply to --model generator", file=sys.stderr)
+            return 2
+        preset = args.preset or "f32t4c128"
+        frames, size = args.frames or 8, args.size or 128
+        res = bench.bench_tokenizer(preset, frames, size, args.batch, args.repeats, args.device, args.dtype)
+        print(
+            f"tokenizer {res['preset']} ({res['params_m']}M params), input {res['shape']}, {res['device']}, "
+            f"{res['dtype']}"
+        )
+        for name in ("encode", "decode"):
+            r = res[name]
+            print(
+                f"  {name}: {r['frames_per_s']} frames/s ({r['median_s']} s per call), peak memory +{r['peak_mb']} MB"
+            )
+    else:
+        preset = args.preset or "debug"
+        grid = None
+        if args.frames is not None or args.size is not None:
+            if args.seq is not None:
+                print("error: give --seq or --frames/--size, not both", file=sys.stderr)
+                return 2
+            try:
+                grid = bench.video_grid(bench.generator_presets()[preset](), args.frames or 1, args.size or 256)
+            except (KeyError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+        seq = 256 if args.seq is None else args.seq
+        txt_len = 64 if args.txt_len is None else args.txt_len
+        try:
+            res = bench.bench_generator(
+                preset, seq, txt_len, args.batch, args.repeats, args.device, args.dtype, args.with_flux, grid
+            )
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(
+            f"generator {preset}, {res['img_tokens']} image tokens (grid {res['grid']}) + {res['txt_tokens']} text "
+            f"tokens, batch {res['batch']}, {res['device']}, {res['dtype']}, {res['threads']} threads"
+        )
+        print(
+            f"  training step = {res['step']}; analytic {res['flops']['train_step'] / 1e9:.3f} GFLOP per step "
+            f"(3 x forward {res['flops']['forward'] / 1e9:.3f})"
+        )
+        for name in ("mmdit", "flux"):
+            if name not in res:
+                continue
+            r = res[name]
+            mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+            print(
+                f"  {name:<5} ({r['params_m']}M params): {r['median_s']} s/step, {r['tokens_per_s']} tokens/s, "
+                f"{r['gflops_per_s']} GFLOP/s{mfu}, peak memory +{r['peak_mb']} MB"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
     return 0
@@ -67,17 +117,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_parity)
     b = sub.add_parser(
         "bench",
-        help="tokenizer encode / decode frames/s and peak memory",
-        description="Time the tokenizer's encode and decode on a random clip (median of --repeats after a warm-up) "
-        "and report frames/s and the peak memory each adds (CUDA allocator peak, or sampled process RSS on CPU).",
+        help="tokenizer encode / decode or generator training-step throughput and peak memory",
+        description="--model tokenizer (default): time the tokenizer's encode and decode on a random clip and report "
+        "frames/s. --model generator: time one MMDiT training step (forward + backward, no optimizer step) on random "
+        "tokens and report tokens/s, analytic FLOPs, achieved FLOP/s, MFU on a known GPU; --with-flux measures "
+        "diffusers' FluxTransformer2DModel of the same shape too. Times are medians of --repeats after a warm-up; "
+        "peak memory is the CUDA allocator peak, or sampled process RSS on CPU, where each model runs in its own "
+        "process.",
     )
-    b.add_argument("--preset", default="f32t4c128", help="tokenizer preset (default: %(default)s)")
-    b.add_argument("--frames", type=int, default=8)
-    b.add_argument("--size", type=int, default=128, help="square frame side in pixels")
+    b.add_argument("--model", choices=["tokenizer", "generator"], default="tokenizer")
+    b.add_argument(
+        "--preset",
+        default=None,
+        help="tokenizer preset (default f32t4c128) or generator preset: debug (default), mid, 2b, 11b, 11b-dcae",
+    )
+    b.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="clip frames (tokenizer default 8; generator: with --size, sets the token grid, default 1)",
+    )
+    b.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="square frame side in pixels (tokenizer default 128; generator: with --frames, default 256)",
+    )
+    b.add_argument("--seq", type=int, default=None, help="generator: image tokens (default 256)")
+    b.add_argument("--txt-len", type=int, default=None, help="generator: text tokens (default 64)")
     b.add_argument("--batch", type=int, default=1)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    b.add_argument(
+        "--with-flux", action="store_true", help="generator: also measure diffusers' Flux transformer of the same shape"
+    )
     b.add_argument("--json", help="also write the result here")
     b.set_defaults(func=_bench)
     return parser

@@ -1,4 +1,4 @@
-"""`cinedit eval bench`: tokenizer frames/s and peak memory, each phase measured on its own."""
+"""`cinedit eval bench`: tokenizer frames/s and peak memory per phase; generator training-step throughput and FLOPs."""
 
 from __future__ import annotations
 
@@ -16,3 +16,74 @@ def test_tokenizer_bench_reports_speed_and_memory(tmp_path, capsys):
     for phase in ("encode", "decode"):
         assert res[phase]["frames_per_s"] > 0 and res[phase]["peak_mb"] >= 0
     assert "frames/s" in capsys.readouterr().out
+
+
+def test_generator_bench_with_flux_reports_positive_numbers(tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    argv = ["eval", "bench", "--model", "generator", "--preset", "debug", "--seq", "16", "--txt-len", "8"]
+    argv += ["--repeats", "1", "--device", "cpu", "--with-flux", "--json", str(out)]
+    assert main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["img_tokens"] == 16 and res["grid"] == [1, 4, 4] and res["txt_tokens"] == 8
+    assert res["flops"]["train_step"] == 3 * res["flops"]["forward"] > 0
+    for name in ("mmdit", "flux"):
+        r = res[name]
+        assert r["params"] > 0 and r["median_s"] > 0 and r["tokens_per_s"] > 0 and r["gflops_per_s"] > 0
+        assert r["peak_mb"] >= 0 and "mfu" not in r  # no MFU on CPU
+        assert r["flops_per_step"] == res["flops"]["train_step"]  # same matmuls at MLP ratio 4
+    # Same architecture but for our zero-initialised i2v `cond_in` (cond_channels -> hidden, with bias).
+    cfg = res["config"]
+    cond_in = ((cfg["in_channels"] // cfg["patch_size"] ** 2 + 1) * cfg["patch_size"] ** 2 + 1) * cfg["hidden_size"]
+    assert res["mmdit"]["params"] - res["flux"]["params"] == cond_in
+    text = capsys.readouterr().out
+    assert "tokens/s" in text and "flux" in text
+
+
+def test_analytic_flops_match_flop_counter():
+    """The analytic count is exactly FlopCounterMode's for the forward (both count only matmuls and attention).
+
+    SDPA runs on the math backend so that its two matmuls are visible: torch's counter has no formula for the CPU
+    flash kernel. For a training step the counter sees slightly less than 3 x forward: autograd skips the
+    grad-input matmuls of the layers whose inputs need no grad (img_in, txt_in, time_in/vector_in first linears).
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cinedit.eval.bench import flux_from_config, mmdit_flops
+    from cinedit.generator.math import make_ids, make_txt_ids
+    from cinedit.generator.model import MMDiT, debug
+
+    cfg, b, t, h, w, lt = debug(), 2, 2, 3, 4, 8
+    li = t * h * w
+    torch.manual_seed(0)
+    img, txt = torch.randn(b, li, cfg.in_channels), torch.randn(b, lt, cfg.context_in_dim)
+    ids, txt_ids, ts, y = make_ids(t, h, w, b), make_txt_ids(b, lt), torch.rand(b), torch.randn(b, cfg.vec_in_dim)
+    expected = mmdit_flops(cfg, li, lt, b)
+    model = MMDiT(cfg)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fwd:
+        model(img, ids, txt, txt_ids, ts, y)
+    assert fwd.get_total_flops() == expected["forward"]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as step:
+        model(img, ids, txt, txt_ids, ts, y).square().mean().backward()
+    skipped = 2 * b * cfg.hidden_size * (li * cfg.in_channels + lt * cfg.context_in_dim + 256 + cfg.vec_in_dim)
+    assert step.get_total_flops() == expected["train_step"] - skipped
+    assert abs(step.get_total_flops() / expected["train_step"] - 1) < 0.02
+    flux = flux_from_config(cfg)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fl:
+        flux(img, txt, y, ts, ids[0], txt_ids[0], return_dict=False)
+    assert fl.get_total_flops() == expected["forward"]
+
+
+def test_generator_token_grids_and_gpu_peaks(capsys):
+    from cinedit.eval.bench import bf16_peak_flops, generator_presets, seq_grid, video_grid
+
+    presets = generator_presets()
+    assert seq_grid(256) == (1, 16, 16) and seq_grid(18) == (1, 3, 6) and seq_grid(7) == (1, 1, 7)
+    assert video_grid(presets["mid"](), 16, 256) == (4, 8, 8)  # DC-AE: 4x time, 32x space, patch 1
+    assert video_grid(presets["11b"](), 33, 256) == (9, 16, 16)  # HunyuanVAE (causal 4x, 8x) + patch 2
+    assert bf16_peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and bf16_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert bf16_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and bf16_peak_flops("Tesla T4") is None
+    assert main(["eval", "bench", "--with-flux"]) == 2  # generator-only flag with the tokenizer
+    assert main(["eval", "bench", "--model", "generator", "--seq", "16", "--frames", "4"]) == 2
+    assert "only apply to --model generator" in capsys.readouterr().err
