@@ -1,4 +1,4 @@
-"""`cinedit data ...`: index, filter and sample-data commands."""
+"""`cinedit data ...`: index, filter, sample-data, cache and bench commands."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cinedit.data import bench, index, sample
+    from cinedit.data import bench, cache_cmd, index, sample
     from cinedit.data import filter as filter_
 
     parser = argparse.ArgumentParser(prog="cinedit data", description="Build and curate video datasets.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each module registers its own subcommand and sets `func` (args -> exit code).
-    for module in (index, filter_, sample, bench):
+    for module in (index, filter_, sample, cache_cmd, bench):
         module.add_cli(sub)
     return parser
 

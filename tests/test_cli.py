@@ -40,7 +40,7 @@ def test_console_script_help():
     assert res.returncode == 2 and "unknown command 'nonsense'" in res.stderr
 
 
-@pytest.mark.parametrize("cmd", ["index", "filter", "sample", "bench"])
+@pytest.mark.parametrize("cmd", ["index", "filter", "sample", "cache", "bench"])
 def test_data_subcommand_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main(["data", cmd, "--help"])

