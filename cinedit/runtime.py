@@ -496,3 +496,114 @@ __all__ = [
     "set_rng_state",
     "write_json",
 ]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# run directories and the train command (shared by the tokenizer and generator trainers)
+
+RUN_PRODUCTS = ("config.json", METRICS_FILE, CKPT_DIR, "tb", "model")
+SAMPLE_DATA = "sample_data"  # where presets without a meta build the sample dataset, inside out_dir
+
+
+def _comparable(cfg: Any, run_control: tuple[str, ...]) -> dict[str, Any]:
+    from cinedit.configs import to_dict
+
+    doc = to_dict(cfg)
+    for path in run_control:
+        section, name = path.split(".")
+        doc[section].pop(name, None)
+    return doc
+
+
+def prepare_run_dir(cfg: Any, info: DistInfo, run_control: tuple[str, ...]) -> Path | None:
+    """Check `cfg.train.out_dir` and return the checkpoint to resume from (None: fresh run).
+
+    A fresh run needs an out_dir without a previous run's results; `train.overwrite` removes them (only the run's
+    own products). A resumed run must have been started with the same config, up to the `run_control` fields
+    (dotted paths such as "train.steps") that a continuation may change.
+    """
+    from cinedit.configs import ConfigError, load_config
+
+    out = Path(cfg.train.out_dir)
+    products = [out / p for p in RUN_PRODUCTS if (out / p).exists()]
+    others = [p for p in out.iterdir() if p.name not in (*RUN_PRODUCTS, SAMPLE_DATA)] if out.is_dir() else []
+    if cfg.train.overwrite:
+        if info.is_main:
+            for p in products:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        barrier()
+        products = []
+    if others:
+        raise ConfigError(
+            f"train.out_dir {out} holds files that are not a training run's ({', '.join(p.name for p in others[:4])}); "
+            f"pick an empty or new out_dir"
+        )
+    if not cfg.train.resume:
+        if products:
+            raise ConfigError(
+                f"train.out_dir {out} already holds a run; continue it with --train.resume=auto, or replace its "
+                f"results with --train.overwrite=true"
+            )
+        return None
+    if cfg.train.resume == "auto":
+        ckpt = latest_checkpoint(out)
+    else:
+        ckpt = Path(cfg.train.resume)
+        if not (ckpt / "state.json").is_file():
+            raise ConfigError(f"train.resume: {ckpt} is not a checkpoint folder (no state.json)")
+    saved = out / "config.json"
+    if ckpt is not None or products:
+        if not saved.is_file():
+            raise ConfigError(f"train.out_dir {out} has results but no config.json; cannot check it is this run")
+        old, new = _comparable(load_config(saved, type(cfg)), run_control), _comparable(cfg, run_control)
+        if old != new:
+            diff = sorted(f"{s}.{k}" for s in old for k in set(old[s]) | set(new[s]) if old[s].get(k) != new[s].get(k))
+            raise ConfigError(
+                f"train.out_dir {out} holds a run with a different config (differs in {', '.join(diff[:6])}); "
+                f"resume with its own config (pass the run directory), or use another out_dir"
+            )
+    return ckpt
+
+
+def add_train_cli(subparsers: Any, kind: str, fit: Callable[[Any, str], Any], help: str, description: str) -> Any:
+    """Register `cinedit <kind> train PRESET_OR_RUN_DIR [--section.field=value ...]` calling `fit(cfg, name)`."""
+    import argparse
+
+    from cinedit.configs import PRESETS, ConfigError, config_from_argv
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            cfg, name = config_from_argv(kind, args.args)
+            summary = fit(cfg, name)
+        except ConfigError as e:
+            print(f"cinedit {kind} train: error: {e}", file=sys.stderr)
+            return 2
+        finally:
+            destroy_distributed()
+        if summary:
+            print(" ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())))
+        return 0
+
+    names = ", ".join(sorted(PRESETS.get(kind, {})))
+    p = subparsers.add_parser(
+        "train",
+        help=help,
+        description=f"{description} Presets: {names}; or pass a run directory to re-launch it. Overrides are "
+        f"--section.field=value (--help-config lists every field); continue a run with --train.resume=auto; "
+        f"torchrun launches `python -m cinedit.{kind}.train` on several processes.",
+    )
+    p.add_argument(
+        "args", nargs=argparse.REMAINDER, metavar="PRESET_OR_RUN_DIR [--section.field=value ...] [--help-config]"
+    )
+    p.set_defaults(func=run)
+    return p
+
+
+def train_main(kind: str, add_cli: Callable[[Any], Any], argv: list[str] | None = None) -> int:
+    """`python -m cinedit.<kind>.train ...`: the same command as `cinedit <kind> train ...`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m cinedit.{kind}.train")
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,13 +29,10 @@ from cinedit.configs import (
     BucketConfig,
     ConfigError,
     DataConfig,
-    config_from_argv,
-    load_config,
     preset,
     save_config,
     stage1_buckets,
     stage3_buckets,
-    to_dict,
 )
 from cinedit.data.buckets import mix_seed
 from cinedit.data.cache_cmd import DEBUG_TOKENIZER, load_tokenizer, read_empty_text, text_identity, tokenizer_hash
@@ -62,8 +58,7 @@ from cinedit.generator.text import PRESETS as TEXT_PRESETS
 from cinedit.generator.text import TextEncoder, TextEncoderConfig
 
 KIND = "generator"
-SAMPLE_DATA = "sample_data"  # where presets without a meta build the sample dataset, inside out_dir
-RUN_PRODUCTS = ("config.json", runtime.METRICS_FILE, runtime.CKPT_DIR, "tb", "model")
+SAMPLE_DATA = runtime.SAMPLE_DATA
 # Fields a resumed run may change without becoming a different run.
 RUN_CONTROL = (
     "train.steps",
@@ -701,66 +696,11 @@ def export(tr: Trainer, out_dir: Path) -> Path:
 # run directory and main loop
 
 
-def _comparable(cfg: GeneratorTrainConfig) -> dict[str, Any]:
-    doc = to_dict(cfg)
-    for path in RUN_CONTROL:
-        section, name = path.split(".")
-        doc[section].pop(name, None)
-    return doc
-
-
-def prepare_run_dir(cfg: GeneratorTrainConfig, info: runtime.DistInfo) -> Path | None:
-    """Check out_dir and return the checkpoint to resume from (None: fresh run).
-
-    A fresh run needs an out_dir without a previous run's results; `train.overwrite` removes them (only the run's
-    own products). A resumed run must have been started with the same config, up to `RUN_CONTROL` fields.
-    """
-    out = Path(cfg.train.out_dir)
-    products = [out / p for p in RUN_PRODUCTS if (out / p).exists()]
-    others = [p for p in out.iterdir() if p.name not in (*RUN_PRODUCTS, SAMPLE_DATA)] if out.is_dir() else []
-    if cfg.train.overwrite:
-        if info.is_main:
-            for p in products:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        runtime.barrier()
-        products = []
-    if others:
-        raise ConfigError(
-            f"train.out_dir {out} holds files that are not a training run's ({', '.join(p.name for p in others[:4])}); "
-            f"pick an empty or new out_dir"
-        )
-    if not cfg.train.resume:
-        if products:
-            raise ConfigError(
-                f"train.out_dir {out} already holds a run; continue it with --train.resume=auto, or replace its "
-                f"results with --train.overwrite=true"
-            )
-        return None
-    if cfg.train.resume == "auto":
-        ckpt = runtime.latest_checkpoint(out)
-    else:
-        ckpt = Path(cfg.train.resume)
-        if not (ckpt / "state.json").is_file():
-            raise ConfigError(f"train.resume: {ckpt} is not a checkpoint folder (no state.json)")
-    saved = out / "config.json"
-    if ckpt is not None or products:
-        if not saved.is_file():
-            raise ConfigError(f"train.out_dir {out} has results but no config.json; cannot check it is this run")
-        old, new = _comparable(load_config(saved, GeneratorTrainConfig)), _comparable(cfg)
-        if old != new:
-            diff = sorted(f"{s}.{k}" for s in old for k in set(old[s]) | set(new[s]) if old[s].get(k) != new[s].get(k))
-            raise ConfigError(
-                f"train.out_dir {out} holds a run with a different config (differs in {', '.join(diff[:6])}); "
-                f"resume with its own config (pass the run directory), or use another out_dir"
-            )
-    return ckpt
-
-
 def fit(cfg: GeneratorTrainConfig, preset_name: str | None = None) -> dict[str, float]:
     """Run (or continue) training; returns the last logged scalars and eval metrics."""
     info = runtime.init_distributed(cfg.train.device)
     t0 = time.time()
-    ckpt = prepare_run_dir(cfg, info)
+    ckpt = runtime.prepare_run_dir(cfg, info, RUN_CONTROL)
     out = Path(cfg.train.out_dir)
     if info.is_main:
         save_config(cfg, out, preset=preset_name)
@@ -812,50 +752,20 @@ def fit(cfg: GeneratorTrainConfig, preset_name: str | None = None) -> dict[str, 
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg, name = config_from_argv(KIND, args.args)
-    except ConfigError as e:
-        print(f"cinedit generator train: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = fit(cfg, name)
-    except ConfigError as e:
-        print(f"cinedit generator train: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        runtime.destroy_distributed()
-    if summary:
-        print(" ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())))
-    return 0
-
-
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register `cinedit generator train`."""
-    from cinedit.configs import PRESETS
-
-    names = ", ".join(sorted(PRESETS.get(KIND, {})))
-    p = subparsers.add_parser(
-        "train",
-        help="train the MMDiT with rectified flow (t2v, i2v, inpainting)",
-        description=f"Train the MMDiT generator from a preset ({names}) or a run directory, with "
-        f"--section.field=value overrides (--help-config lists every field). Continue a run with "
-        f"--train.resume=auto. The pipeline for `cinedit generator sample --ckpt` is written to <out_dir>/model.",
+    return runtime.add_train_cli(
+        subparsers,
+        KIND,
+        fit,
+        "train the MMDiT with rectified flow (t2v, i2v, inpainting)",
+        "Train the MMDiT generator; a finished run writes the pipeline for `cinedit generator sample --ckpt` "
+        "to <out_dir>/model.",
     )
-    p.add_argument(
-        "args", nargs=argparse.REMAINDER, metavar="STAGE_OR_RUN_DIR [--section.field=value ...] [--help-config]"
-    )
-    p.set_defaults(func=run)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cinedit.generator.train")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_cli(sub)
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(["train", *argv])
-    return args.func(args)
+    return runtime.train_main(KIND, add_cli, argv)
 
 
 __all__ = [
@@ -876,7 +786,6 @@ __all__ = [
     "load",
     "main",
     "model_config",
-    "prepare_run_dir",
     "save",
     "train_step",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,11 +29,8 @@ from cinedit.configs import (
     BucketConfig,
     ConfigError,
     DataConfig,
-    config_from_argv,
-    load_config,
     preset,
     save_config,
-    to_dict,
 )
 from cinedit.data.buckets import mix_seed, uniform
 from cinedit.data.dataset import VideoDataset
@@ -55,8 +51,7 @@ from cinedit.tokenizer.model import PRESETS as MODEL_PRESETS
 from cinedit.tokenizer.model import VideoDCAE
 
 KIND = "tokenizer"
-SAMPLE_DATA = "sample_data"  # where presets without a meta build the sample dataset, inside out_dir
-RUN_PRODUCTS = ("config.json", runtime.METRICS_FILE, runtime.CKPT_DIR, "tb", "model")
+SAMPLE_DATA = runtime.SAMPLE_DATA
 # Fields a resumed run may change without becoming a different run.
 RUN_CONTROL = (
     "train.steps",
@@ -566,71 +561,11 @@ def load(tr: Trainer, path: Path) -> None:
 # run directory and main loop
 
 
-def _comparable(cfg: TokenizerTrainConfig) -> dict[str, Any]:
-    doc = to_dict(cfg)
-    for path in RUN_CONTROL:
-        section, name = path.split(".")
-        doc[section].pop(name, None)
-    return doc
-
-
-def prepare_run_dir(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> Path | None:
-    """Check out_dir and return the checkpoint to resume from (None: fresh run).
-
-    A fresh run needs an out_dir without a previous run's results; `train.overwrite` removes them (only the run's
-    own products). A resumed run must have been started with the same config, up to `RUN_CONTROL` fields.
-    """
-    out = Path(cfg.train.out_dir)
-    products = [out / p for p in RUN_PRODUCTS if (out / p).exists()]
-    others = [p for p in out.iterdir() if p.name not in (*RUN_PRODUCTS, SAMPLE_DATA)] if out.is_dir() else []
-    if cfg.train.overwrite:
-        if info.is_main:
-            for p in products:
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-        runtime.barrier()
-        products = []
-    if others:
-        raise ConfigError(
-            f"train.out_dir {out} holds files that are not a training run's ({', '.join(p.name for p in others[:4])}); "
-            f"pick an empty or new out_dir"
-        )
-    if not cfg.train.resume:
-        if products:
-            raise ConfigError(
-                f"train.out_dir {out} already holds a run; continue it with --train.resume=auto, or replace its "
-                f"results with --train.overwrite=true"
-            )
-        return None
-    if cfg.train.resume == "auto":
-        ckpt = runtime.latest_checkpoint(out)
-    else:
-        ckpt = Path(cfg.train.resume)
-        if not (ckpt / "state.json").is_file():
-            raise ConfigError(f"train.resume: {ckpt} is not a checkpoint folder (no state.json)")
-    saved = out / "config.json"
-    if ckpt is not None or products:
-        if not saved.is_file():
-            raise ConfigError(f"train.out_dir {out} has results but no config.json; cannot check it is this run")
-        old = _comparable(load_config(saved, TokenizerTrainConfig))
-        if old != _comparable(cfg):
-            diff = sorted(
-                f"{s}.{k}"
-                for s in old
-                for k in set(old[s]) | set(_comparable(cfg)[s])
-                if old[s].get(k) != _comparable(cfg)[s].get(k)
-            )
-            raise ConfigError(
-                f"train.out_dir {out} holds a run with a different config (differs in {', '.join(diff[:6])}); "
-                f"resume with its own config (pass the run directory), or use another out_dir"
-            )
-    return ckpt
-
-
 def fit(cfg: TokenizerTrainConfig, preset_name: str | None = None) -> dict[str, float]:
     """Run (or continue) training; returns the last logged scalars and the final held-out metrics."""
     info = runtime.init_distributed(cfg.train.device)
     t0 = time.time()
-    ckpt = prepare_run_dir(cfg, info)
+    ckpt = runtime.prepare_run_dir(cfg, info, RUN_CONTROL)
     out = Path(cfg.train.out_dir)
     if info.is_main:
         save_config(cfg, out, preset=preset_name)
@@ -684,50 +619,15 @@ def fit(cfg: TokenizerTrainConfig, preset_name: str | None = None) -> dict[str, 
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        cfg, name = config_from_argv(KIND, args.args)
-    except ConfigError as e:
-        print(f"cinedit tokenizer train: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = fit(cfg, name)
-    except ConfigError as e:
-        print(f"cinedit tokenizer train: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        runtime.destroy_distributed()
-    if summary:
-        print(" ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())))
-    return 0
-
-
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register `cinedit tokenizer train`."""
-    from cinedit.configs import PRESETS
-
-    names = ", ".join(sorted(PRESETS.get(KIND, {})))
-    p = subparsers.add_parser(
-        "train",
-        help="train a Video DC-AE (L1 + LPIPS, then a 3D PatchGAN phase)",
-        description=f"Train a Video DC-AE from a preset ({names}) or a run directory, with --section.field=value "
-        f"overrides (--help-config lists every field). Continue a run with --train.resume=auto; torchrun launches "
-        f"`python -m cinedit.tokenizer.train` on several processes.",
+    return runtime.add_train_cli(
+        subparsers, KIND, fit, "train a Video DC-AE (L1 + LPIPS, then a 3D PatchGAN phase)", "Train a Video DC-AE."
     )
-    p.add_argument(
-        "args", nargs=argparse.REMAINDER, metavar="PRESET_OR_RUN_DIR [--section.field=value ...] [--help-config]"
-    )
-    p.set_defaults(func=run)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cinedit.tokenizer.train")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_cli(sub)
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(["train", *argv])
-    return args.func(args)
+    return runtime.train_main(KIND, add_cli, argv)
 
 
 __all__ = [
