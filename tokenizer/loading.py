@@ -9,69 +9,26 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from cinedit import modelio
+from cinedit.modelio import CONFIG_NAME, WEIGHTS_NAME, adapt_state_dict, read_state_dict, save_model_folder
 from cinedit.tokenizer.model import PRESETS, DCAEConfig, VideoDCAE
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-# Prefixes that training wrappers put in front of every key (DDP, torch.compile, EMA / checkpoint dicts).
-WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "vae.", "ema.")
 
 
 def save_pretrained(model: VideoDCAE, out_dir: str | os.PathLike) -> Path:
     """Write `config.json` + `model.safetensors` into `out_dir`, each atomically (weights first)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "class": "VideoDCAE"})
-    os.replace(tmp, out / WEIGHTS_NAME)
-    doc = {"_class": "VideoDCAE", **dataclasses.asdict(model.config)}
-    tmp = out / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_NAME)
-    return out
+    return save_model_folder(model, model.config, out_dir)
 
 
 def read_config(path: str | os.PathLike) -> DCAEConfig:
     """The `DCAEConfig` saved in a model folder's `config.json`."""
-    doc = json.loads(Path(path).read_text())
-    doc.pop("_class", None)
-    known = {f.name for f in dataclasses.fields(DCAEConfig)}
-    unknown = sorted(set(doc) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown DCAEConfig fields {unknown}; was it written by a newer cinedit?")
-    return DCAEConfig(**doc)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def adapt_state_dict(state: dict[str, torch.Tensor], prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Map external key names to ours: drop a given `prefix`, else wrapper prefixes shared by every key."""
-    if prefix is not None:
-        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    changed = True
-    while changed and state:
-        changed = False
-        for p in WRAPPER_PREFIXES:
-            if all(k.startswith(p) for k in state):
-                state = {k[len(p) :]: v for k, v in state.items()}
-                changed = True
-    return state
+    return modelio.read_config(path, DCAEConfig)
 
 
 def release_config(state: dict[str, torch.Tensor]) -> DCAEConfig:
