@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import sys
@@ -14,6 +15,22 @@ SUBSYSTEMS = {
     "eval": ("cinedit.eval.cli", "reconstruction reports, VBench, benchmarks, parity"),
     "demo": ("cinedit.demo", "run the whole pipeline on the bundled sample data"),
 }
+
+
+def command_group(prog: str, description: str, modules: list[str]) -> argparse.ArgumentParser:
+    """The parser of `cinedit <subsystem>`: each module registers its subcommand(s) with `add_cli(subparsers)`
+    and sets `func` (args -> exit code)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in modules:
+        importlib.import_module(name).add_cli(sub)
+    return parser
+
+
+def run_group(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse `argv` with a `command_group` parser and run the chosen subcommand."""
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 def available() -> dict[str, tuple[str, str]]:

@@ -5,22 +5,23 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cinedit.cli import command_group, run_group
+
+COMMAND_MODULES = [
+    "cinedit.data.index",
+    "cinedit.data.filter",
+    "cinedit.data.sample",
+    "cinedit.data.cache_cmd",
+    "cinedit.data.bench",
+]
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from cinedit.data import bench, cache_cmd, index, sample
-    from cinedit.data import filter as filter_
-
-    parser = argparse.ArgumentParser(prog="cinedit data", description="Build and curate video datasets.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Each module registers its own subcommand and sets `func` (args -> exit code).
-    for module in (index, filter_, sample, cache_cmd, bench):
-        module.add_cli(sub)
-    return parser
+    return command_group("cinedit data", "Build and curate video datasets.", COMMAND_MODULES)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_group(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,24 @@
-"""`cinedit tokenizer ...`: train (and reconstruct / encode / decode) the Video DC-AE."""
+"""`cinedit tokenizer ...`: train the Video DC-AE, and reconstruct / encode / decode with it."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# Modules beside `train` that register subcommands with `add_cli(subparsers)`, once they exist.
-OPTIONAL_COMMAND_MODULES = ("cinedit.tokenizer.commands",)  # reconstruct / encode / decode
+from cinedit.cli import command_group, run_group
+
+COMMAND_MODULES = [
+    "cinedit.tokenizer.train",
+    "cinedit.tokenizer.commands",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cinedit.tokenizer import train
-
-    parser = argparse.ArgumentParser(prog="cinedit tokenizer", description="The Video DC-AE tokenizer.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    modules = [train]
-    for name in OPTIONAL_COMMAND_MODULES:
-        try:
-            modules.append(importlib.import_module(name))
-        except ModuleNotFoundError as e:
-            if e.name != name:  # the module exists but one of its imports is missing: a real error
-                raise
-    # Each module registers its own subcommand(s) and sets `func` (args -> exit code).
-    for module in modules:
-        module.add_cli(sub)
-    return parser
+    return command_group("cinedit tokenizer", "The Video DC-AE tokenizer.", COMMAND_MODULES)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_group(build_parser(), argv)
 
 
 if __name__ == "__main__":
