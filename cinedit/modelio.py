@@ -65,3 +65,24 @@ def adapt_state_dict(state: dict[str, torch.Tensor], prefix: str | None = None) 
                 state = {k[len(p) :]: v for k, v in state.items()}
                 changed = True
     return state
+
+
+def read_checkpoint(
+    path: str | os.PathLike, cls: type[C], prefix: str | None = None
+) -> tuple[C | None, dict[str, torch.Tensor]]:
+    """(config, state dict) of a model folder, or (None, state dict) of a single safetensors file.
+
+    Keys pass through `adapt_state_dict`; the caller decides the architecture of a single file.
+    """
+    path = Path(path)
+    config = None
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"{path}: a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+        config = read_config(path / CONFIG_NAME, cls)
+        path = path / WEIGHTS_NAME
+    elif not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint (a model folder or a .safetensors file)")
+    elif path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only safetensors checkpoints are read (convert .pt/.ckpt files first)")
+    return config, adapt_state_dict(read_state_dict(path), prefix)

@@ -15,7 +15,7 @@ import torch
 
 from cinedit import modelio
 from cinedit.generator.model import MMDiT, MMDiTConfig
-from cinedit.modelio import CONFIG_NAME, WEIGHTS_NAME, adapt_state_dict, read_state_dict, save_model_folder
+from cinedit.modelio import save_model_folder
 
 RELEASE_AXES_DIM = [16, 56, 56]
 RELEASE_THETA = 10000
@@ -104,18 +104,8 @@ def load_pretrained(
         config: the architecture of a single-file checkpoint; by default read off its tensor shapes.
         prefix: key prefix to strip (default: common wrapper prefixes such as `module.` are removed).
     """
-    path = Path(path)
-    if path.is_dir():
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{path}: a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        config = config or read_config(path / CONFIG_NAME)
-        path = path / WEIGHTS_NAME
-    elif not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint (a model folder or a .safetensors file)")
-    elif path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only safetensors checkpoints are read (convert .pt/.ckpt files first)")
-    state = adapt_state_dict(read_state_dict(path), prefix)
-    config = config or infer_config(state)
+    saved, state = modelio.read_checkpoint(path, MMDiTConfig, prefix)
+    config = config or saved or infer_config(state)
     if not strict:
         model = MMDiT(config)
         model.load_state_dict(state, strict=False)

@@ -361,7 +361,8 @@ def model_config(cfg: ModelConfig, latent_channels: int, txt_dim: int, vec_dim: 
 
 def build_model(cfg: ModelConfig, config: MMDiTConfig) -> MMDiT:
     """A freshly initialised MMDiT, or one loaded from `init_from` (see `ModelConfig`), checkpointed as asked."""
-    from cinedit.generator.loading import CONFIG_NAME, load_pretrained, read_config
+    from cinedit.generator.loading import load_pretrained, read_config
+    from cinedit.modelio import CONFIG_NAME
 
     if not cfg.init_from:
         model = MMDiT(config)

@@ -8,13 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cinedit.tokenizer.loading import (
-    adapt_state_dict,
-    init_from_image_dcae,
-    load_pretrained,
-    read_state_dict,
-    save_pretrained,
-)
+from cinedit.modelio import adapt_state_dict, read_state_dict
+from cinedit.tokenizer.loading import init_from_image_dcae, load_pretrained, save_pretrained
 from cinedit.tokenizer.model import PRESETS, VideoDCAE
 
 BLOCKS = ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from cinedit import modelio
-from cinedit.modelio import CONFIG_NAME, WEIGHTS_NAME, adapt_state_dict, read_state_dict, save_model_folder
+from cinedit.modelio import save_model_folder
 from cinedit.tokenizer.model import PRESETS, DCAEConfig, VideoDCAE
 
 
@@ -56,17 +56,8 @@ def load_pretrained(
             its latent width.
         prefix: key prefix to strip (default: common wrapper prefixes such as `module.` are removed).
     """
-    path = Path(path)
-    if path.is_dir():
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"{path}: a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-        config = config or read_config(path / CONFIG_NAME)
-        path = path / WEIGHTS_NAME
-    elif not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint (a model folder or a .safetensors file)")
-    elif path.suffix != ".safetensors":
-        raise ValueError(f"{path}: only safetensors checkpoints are read (convert .pt/.ckpt files first)")
-    state = adapt_state_dict(read_state_dict(path), prefix)
+    saved, state = modelio.read_checkpoint(path, DCAEConfig, prefix)
+    config = config or saved
     model = VideoDCAE(config or release_config(state))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):

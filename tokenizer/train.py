@@ -228,7 +228,8 @@ def debug() -> TokenizerTrainConfig:
 
 def build_model(cfg: ModelConfig) -> VideoDCAE:
     """A Video DC-AE from the preset, or initialised from `init_from` (see `ModelConfig`)."""
-    from cinedit.tokenizer.loading import CONFIG_NAME, WEIGHTS_NAME, init_from_image_dcae, load_pretrained
+    from cinedit.modelio import CONFIG_NAME, WEIGHTS_NAME
+    from cinedit.tokenizer.loading import init_from_image_dcae, load_pretrained
 
     cfg.validate()
     if not cfg.init_from:
