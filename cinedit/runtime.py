@@ -565,6 +565,89 @@ def prepare_run_dir(cfg: Any, info: DistInfo, run_control: tuple[str, ...]) -> P
     return ckpt
 
 
+@dataclass
+class TrainHooks:
+    """What a trainer plugs into `run_training`; `tr` is the trainer's own state object (it has a `step`)."""
+
+    kind: str  # "tokenizer" | "generator": the progress bar's name
+    run_control: tuple[str, ...]  # config fields a resumed run may change (see `prepare_run_dir`)
+    build: Callable[[Any, DistInfo], Any]  # (cfg, info) -> tr
+    batches: Callable[[Any], Callable[[int], Any]]  # tr -> next_batch(step), a fresh iterator after loading
+    train_step: Callable[[Any, Any, int], dict[str, float]]  # (tr, batch, step) -> scalars
+    evaluate: Callable[[Any], dict[str, Any]]  # tr -> scalars, plus (3, H, W) image tensors to log
+    save: Callable[[Any, Path], Path]  # (tr, run_dir) -> checkpoint folder, atomically (`save_checkpoint`)
+    load: Callable[[Any, Path], None]  # (tr, checkpoint folder)
+    export: Callable[[Any, Path], None]  # (tr, out_dir / "model"), main rank only, after the last step
+    loss_key: str = "loss"  # the scalar the progress bar shows
+
+
+def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) -> dict[str, float]:
+    """The loop both trainers run: run-dir checks, resume, steps, logging, evaluation, checkpoints, export.
+
+    Returns the last logged scalars and evaluation metrics, plus `seconds`. A step's `tokens` scalar (if any) is
+    logged as `tokens_per_s` over the step's wall time, data loading included.
+    """
+    import time
+
+    from cinedit.configs import save_config
+
+    info = init_distributed(cfg.train.device)
+    t0 = time.time()
+    ckpt = prepare_run_dir(cfg, info, hooks.run_control)
+    out = Path(cfg.train.out_dir)
+    if info.is_main:
+        save_config(cfg, out, preset=preset_name)
+    tr = hooks.build(cfg, info)
+    logger = MetricsLogger(out, enabled=info.is_main)
+    if ckpt is not None:
+        hooks.load(tr, ckpt)
+        logger.truncate_after(tr.step)
+    else:
+        logger.reset()
+    tc = cfg.train
+    summary: dict[str, float] = {}
+
+    def run_eval() -> None:
+        metrics = hooks.evaluate(tr)
+        scalars = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+        if scalars:
+            logger.log(tr.step, scalars)
+            summary.update(scalars)
+        for tag, img in metrics.items():
+            if isinstance(img, torch.Tensor):
+                logger.image(tag, img, tr.step)
+
+    if tr.step == 0 and tc.eval_every:
+        run_eval()
+    next_batch = hooks.batches(tr)
+    bar = progress_bar(tc.steps, min(tr.step, tc.steps), tc.progress and info.is_main, hooks.kind)
+    try:
+        while tr.step < tc.steps:
+            step = tr.step + 1
+            t_step = time.perf_counter()
+            scalars = hooks.train_step(tr, next_batch(step), step)
+            if "tokens" in scalars:
+                scalars["tokens_per_s"] = scalars.pop("tokens") / (time.perf_counter() - t_step)
+            tr.step = step
+            bar.update(1)
+            if tc.log_every and step % tc.log_every == 0:
+                logger.log(step, scalars)
+                summary.update(scalars)
+                bar.set_postfix(loss=f"{scalars[hooks.loss_key]:.4f}")
+            if tc.eval_every and step % tc.eval_every == 0:
+                run_eval()
+            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
+                hooks.save(tr, out)
+    finally:
+        bar.close()
+        logger.close()
+    if info.is_main:
+        hooks.export(tr, out / "model")
+    barrier()
+    summary["seconds"] = time.time() - t0
+    return summary
+
+
 def add_train_cli(subparsers: Any, kind: str, fit: Callable[[Any, str], Any], help: str, description: str) -> Any:
     """Register `cinedit <kind> train PRESET_OR_RUN_DIR [--section.field=value ...]` calling `fit(cfg, name)`."""
     import argparse

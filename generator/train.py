@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from cinedit.configs import (
     ConfigError,
     DataConfig,
     preset,
-    save_config,
     stage1_buckets,
     stage3_buckets,
 )
@@ -697,60 +695,28 @@ def export(tr: Trainer, out_dir: Path) -> Path:
 # run directory and main loop
 
 
+def batches(tr: Trainer):
+    it = runtime.forever(tr.loader)
+    return lambda step: next(it)
+
+
+# Lambdas look the functions up at call time, so a test can monkeypatch `train_step` or `save`.
+HOOKS = runtime.TrainHooks(
+    kind=KIND,
+    run_control=RUN_CONTROL,
+    build=lambda cfg, info: build_trainer(cfg, info),
+    batches=batches,
+    train_step=lambda tr, batch, step: train_step(tr, batch, step),
+    evaluate=lambda tr: evaluate(tr),
+    save=lambda tr, run_dir: save(tr, run_dir),
+    load=lambda tr, path: load(tr, path),
+    export=lambda tr, out_dir: export(tr, out_dir),
+)
+
+
 def fit(cfg: GeneratorTrainConfig, preset_name: str | None = None) -> dict[str, float]:
     """Run (or continue) training; returns the last logged scalars and eval metrics."""
-    info = runtime.init_distributed(cfg.train.device)
-    t0 = time.time()
-    ckpt = runtime.prepare_run_dir(cfg, info, RUN_CONTROL)
-    out = Path(cfg.train.out_dir)
-    if info.is_main:
-        save_config(cfg, out, preset=preset_name)
-    tr = build_trainer(cfg, info)
-    logger = runtime.MetricsLogger(out, enabled=info.is_main)
-    if ckpt is not None:
-        load(tr, ckpt)
-        logger.truncate_after(tr.step)
-    else:
-        logger.reset()
-    tc = cfg.train
-    summary: dict[str, float] = {}
-
-    def run_eval() -> None:
-        metrics = evaluate(tr)
-        if metrics:
-            logger.log(tr.step, metrics)
-            summary.update(metrics)
-
-    if tr.step == 0 and tc.eval_every:
-        run_eval()
-    batches = runtime.forever(tr.loader)
-    bar = runtime.progress_bar(tc.steps, min(tr.step, tc.steps), tc.progress and info.is_main, "generator")
-    try:
-        while tr.step < tc.steps:
-            step = tr.step + 1
-            t_step = time.perf_counter()
-            batch = next(batches)
-            scalars = train_step(tr, batch, step)
-            seconds = time.perf_counter() - t_step  # data loading and encoding included
-            scalars["tokens_per_s"] = scalars.pop("tokens") / seconds
-            tr.step = step
-            bar.update(1)
-            if tc.log_every and step % tc.log_every == 0:
-                logger.log(step, scalars)
-                summary.update(scalars)
-                bar.set_postfix(loss=f"{scalars['loss']:.4f}")
-            if tc.eval_every and step % tc.eval_every == 0:
-                run_eval()
-            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
-                save(tr, out)
-    finally:
-        bar.close()
-        logger.close()
-    if info.is_main:
-        export(tr, out / "model")
-    runtime.barrier()
-    summary["seconds"] = time.time() - t0
-    return summary
+    return runtime.run_training(cfg, HOOKS, preset_name)
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,6 @@ from cinedit.configs import (
     ConfigError,
     DataConfig,
     preset,
-    save_config,
 )
 from cinedit.data.buckets import mix_seed, uniform
 from cinedit.data.dataset import VideoDataset
@@ -562,62 +560,44 @@ def load(tr: Trainer, path: Path) -> None:
 # run directory and main loop
 
 
+def batches(tr: Trainer):
+    """next_batch(step): an image batch on image steps, a video batch otherwise (loaders resume where they were)."""
+    video = runtime.forever(tr.data.video) if tr.data.video is not None else None
+    image = runtime.forever(tr.data.image) if tr.data.image is not None else None
+    return lambda step: next(image if uses_images(tr, step) else video)
+
+
+def evaluate_and_preview(tr: Trainer) -> dict[str, Any]:
+    metrics, preview = evaluate(tr)
+    if preview is not None and tr.cfg.train.log_images > 0:
+        metrics["val/reconstruction"] = preview
+    return metrics
+
+
+def export(tr: Trainer, out_dir: Path) -> None:
+    from cinedit.tokenizer.loading import save_pretrained
+
+    save_pretrained(tr.ema.module, out_dir)
+
+
+# Lambdas look the functions up at call time, so a test can monkeypatch `train_step` or `save`.
+HOOKS = runtime.TrainHooks(
+    kind=KIND,
+    run_control=RUN_CONTROL,
+    build=lambda cfg, info: build_trainer(cfg, info),
+    batches=batches,
+    train_step=lambda tr, batch, step: train_step(tr, batch, step),
+    evaluate=evaluate_and_preview,
+    save=lambda tr, run_dir: save(tr, run_dir),
+    load=lambda tr, path: load(tr, path),
+    export=export,
+    loss_key="loss/total",
+)
+
+
 def fit(cfg: TokenizerTrainConfig, preset_name: str | None = None) -> dict[str, float]:
     """Run (or continue) training; returns the last logged scalars and the final held-out metrics."""
-    info = runtime.init_distributed(cfg.train.device)
-    t0 = time.time()
-    ckpt = runtime.prepare_run_dir(cfg, info, RUN_CONTROL)
-    out = Path(cfg.train.out_dir)
-    if info.is_main:
-        save_config(cfg, out, preset=preset_name)
-    tr = build_trainer(cfg, info)
-    logger = runtime.MetricsLogger(out, enabled=info.is_main)
-    if ckpt is not None:
-        load(tr, ckpt)
-        logger.truncate_after(tr.step)
-    else:
-        logger.reset()
-    tc = cfg.train
-    summary: dict[str, float] = {}
-
-    def run_eval() -> None:
-        metrics, preview = evaluate(tr)
-        if metrics:
-            logger.log(tr.step, metrics)
-            summary.update(metrics)
-            if preview is not None and tc.log_images > 0:
-                logger.image("val/reconstruction", preview, tr.step)
-
-    if tr.step == 0:
-        run_eval()
-    video_iter = runtime.forever(tr.data.video) if tr.data.video is not None else None
-    image_iter = runtime.forever(tr.data.image) if tr.data.image is not None else None
-    bar = runtime.progress_bar(tc.steps, tr.step, tc.progress and info.is_main, "tokenizer")
-    try:
-        while tr.step < tc.steps:
-            step = tr.step + 1
-            batch = next(image_iter if uses_images(tr, step) else video_iter)
-            scalars = train_step(tr, batch, step)
-            tr.step = step
-            bar.update(1)
-            if tc.log_every and step % tc.log_every == 0:
-                logger.log(step, scalars)
-                summary.update(scalars)
-                bar.set_postfix(loss=f"{scalars['loss/total']:.4f}")
-            if tc.eval_every and step % tc.eval_every == 0:
-                run_eval()
-            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
-                save(tr, out)
-    finally:
-        bar.close()
-        logger.close()
-    if info.is_main:
-        from cinedit.tokenizer.loading import save_pretrained
-
-        save_pretrained(tr.ema.module, out / "model")
-    runtime.barrier()
-    summary["seconds"] = time.time() - t0
-    return summary
+    return runtime.run_training(cfg, HOOKS, preset_name)
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
