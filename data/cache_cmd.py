@@ -150,11 +150,15 @@ def build_cache(
     device: str = "auto",
     chunk: int = 16,
     progress: bool = True,
+    chunk_frames: int = 0,
 ) -> CacheStats:
     """Encode the rows of `meta_path` into the cache folder `out` (see the module docstring); returns counts."""
     from cinedit.generator.text import PRESETS as TEXT_PRESETS
     from cinedit.generator.text import load_text_encoder
+    from cinedit.tokenizer.tiling import chunked_latents
 
+    if chunk_frames and (chunk_frames < 4 or chunk_frames % 4):
+        raise ValueError(f"--chunk-frames must be 0 or a multiple of 4, got {chunk_frames}")
     if (buckets is None) == (size is None):
         raise ValueError("give either buckets or a fixed size (--buckets, or --size H W --num-frames N)")
     if size is not None and (size[0] % 32 or size[1] % 32 or num_frames < 1 or (num_frames > 1 and num_frames % 4)):
@@ -225,7 +229,10 @@ def build_cache(
             emb = encoder.encode([item["text"] for _, item in samples])
             for (key, item), txt, vec in zip(samples, emb.txt, emb.vec):
                 with torch.no_grad():
-                    latent = tok.encode_latents(item["video"][None].to(dev))[0].float()
+                    video = item["video"][None].to(dev)
+                    # Long clips in overlapping temporal chunks, as the trainer encodes them (`chunk_frames`).
+                    latent = chunked_latents(tok, video, chunk_frames) if chunk_frames else tok.encode_latents(video)
+                    latent = latent[0].float()
                 doc = {
                     "num_frames": item["num_frames"],
                     "height": item["height"],
@@ -302,6 +309,7 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             device=args.device,
             progress=not args.quiet,
+            chunk_frames=args.chunk_frames,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"cinedit data cache: error: {e}", file=sys.stderr)
@@ -341,6 +349,12 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--num-frames", type=int, default=1, help="frames per video with --size (images keep 1)")
     p.add_argument("--frame-stride", type=int, default=0, help="temporal stride (default ceil(fps / 24))")
     p.add_argument("--seed", type=int, default=42, help="seed of the temporal crops")
+    p.add_argument(
+        "--chunk-frames",
+        type=int,
+        default=0,
+        help="encode clips longer than this in overlapping temporal chunks of this many frames (0: whole clips)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="start a new cache in --out instead of continuing one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

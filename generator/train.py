@@ -54,6 +54,7 @@ from cinedit.generator.parallel import apply_activation_checkpointing
 from cinedit.generator.sampler import SamplerConfig
 from cinedit.generator.text import PRESETS as TEXT_PRESETS
 from cinedit.generator.text import TextEncoder, TextEncoderConfig
+from cinedit.tokenizer.tiling import chunked_latents
 
 KIND = "generator"
 SAMPLE_DATA = runtime.SAMPLE_DATA
@@ -116,6 +117,13 @@ class TokenizerConfig:
     """
 
     path: str = ""
+    # Encode clips longer than this many frames in overlapping temporal chunks (`tiling.frame_chunks`), so a
+    # 128-frame 768px clip fits next to the MMDiT; 0 encodes whole clips.
+    chunk_frames: int = 0
+
+    def validate(self) -> None:
+        if self.chunk_frames and (self.chunk_frames < 4 or self.chunk_frames % 4):
+            raise ConfigError(f"tokenizer.chunk_frames must be 0 or a multiple of 4, got {self.chunk_frames}")
 
 
 @dataclass
@@ -527,8 +535,10 @@ def encode_batch(tr: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, torc
     if "latent" in batch:
         x0 = batch["latent"].to(dev, non_blocking=True)
     else:
+        video = batch["video"].to(dev, non_blocking=True)
         with torch.no_grad(), runtime.autocast(dev, tr.cfg.train.precision):
-            x0 = tr.tokenizer.encode_latents(batch["video"].to(dev, non_blocking=True))
+            chunks = tr.cfg.tokenizer.chunk_frames
+            x0 = tr.tokenizer.encode_latents(video) if not chunks else chunked_latents(tr.tokenizer, video, chunks)
     if "txt" in batch:
         txt, vec = batch["txt"], batch["vec"]
     else:

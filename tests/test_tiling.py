@@ -13,6 +13,7 @@ from cinedit.tokenizer.model import PRESETS, VideoDCAE
 from cinedit.tokenizer.tiling import (
     TilingConfig,
     blend_weights,
+    chunked_latents,
     decode,
     encode,
     overlap_units,
@@ -228,6 +229,22 @@ def test_video_temporal_tiling_close_to_untiled(dcae):
     yt = tiled_decode(dcae, z, cfg, num_frames=16)
     assert zt.shape == z.shape and yt.shape == x.shape
     assert rel_rms(zt, z) < 0.45 and rel_rms(yt, dcae.decode(z)) < 0.3
+
+
+@torch.no_grad()
+def test_frame_chunks_cut_time_only(dcae):
+    """The trainer's chunked encoding: short clips untouched, long ones cut in time only, scaled like encode_latents."""
+    old, dcae.scaling_factor = dcae.scaling_factor, 0.5
+    short = smooth_video(8, 64, 96)
+    torch.testing.assert_close(chunked_latents(dcae, short, 8), dcae.encode_latents(short), atol=1e-6, rtol=0)
+    long = smooth_video(16, 64, 96)
+    calls = []
+    hook = dcae.encoder.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape[2:])))
+    z = chunked_latents(dcae, long, 8)
+    hook.remove()
+    assert calls and all(c == (8, 64, 96) for c in calls)  # whole frames in space, 8 frames at a time
+    assert z.shape == dcae.encode_latents(long).shape and rel_rms(z, dcae.encode_latents(long)) < 0.45
+    dcae.scaling_factor = old
 
 
 def test_auto_mode_tiles_only_above_threshold():

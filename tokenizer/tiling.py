@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from einops import rearrange
@@ -219,6 +219,24 @@ def tiled_decode(model: Autoencoder, z: Tensor, cfg: TilingConfig, num_frames: i
     return _run_tiles(fn, z, axes, cfg.progress)
 
 
+UNTILED_PIXELS = 1 << 15  # a spatial tile no input reaches: space is never cut
+
+
+def frame_chunks(frames: int, overlap: float = 0.25) -> TilingConfig:
+    """Temporal tiles only: clips longer than `frames` are encoded (or decoded) `frames` at a time, overlaps blended.
+
+    Activation memory then grows with `frames`, not with the clip length, so long training clips fit; space is left
+    whole because spatial tiles change what the global linear attention sees far more than temporal ones.
+    """
+    return TilingConfig(
+        spatial_tile=UNTILED_PIXELS,
+        temporal_tile=frames,
+        overlap=overlap,
+        threshold_pixels=UNTILED_PIXELS,
+        progress=False,
+    )
+
+
 def encode(model: Autoencoder, x: Tensor, cfg: TilingConfig | None = None) -> Tensor:
     """model.encode(x), tiled when x exceeds the config's thresholds (or tiling is forced on)."""
     cfg = TilingConfig() if cfg is None else cfg
@@ -236,3 +254,9 @@ def decode(model: Autoencoder, z: Tensor, cfg: TilingConfig | None = None, num_f
         if cfg.should_tile(frames, z.shape[3] * s, z.shape[4] * s):
             return tiled_decode(model, z, cfg, num_frames)
     return model.decode(z, num_frames)
+
+
+def chunked_latents(model: Any, x: Tensor, frames: int) -> Tensor:
+    """`model.encode_latents(x)` (scaled, as the generator sees latents) computed `frames` frames at a time."""
+    z = encode(model, x, frame_chunks(frames))
+    return z if model.scaling_factor is None else z / model.scaling_factor
