@@ -418,7 +418,8 @@ class ContextParallel:
         pad = m * self.size - total
         start, end = self.rank * m, (self.rank + 1) * m
         t0, t1 = min(start, l_txt), min(end, l_txt)
-        i0, i1 = max(start, l_txt) - l_txt, end - l_txt  # image rows, the padding after them included
+        # Image rows, the padding after them included; clamped, since a rank may hold only text.
+        i0, i1 = max(start, l_txt) - l_txt, max(end, l_txt) - l_txt
 
         def shard(x: Tensor) -> Tensor:
             return F.pad(x, (0, 0, 0, pad))[:, i0:i1]
