@@ -79,7 +79,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """ "auto" is cuda when available, else cpu; anything else is taken as a torch device name."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(device)
@@ -164,7 +165,7 @@ def bench_tokenizer(
     """
     from cinedit.tokenizer.model import PRESETS, VideoDCAE
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     with torch.device("meta"):
         params = sum(p.numel() for p in VideoDCAE(PRESETS[preset]()).parameters())
     shape = [batch, 3, num_frames, size, size]
@@ -370,7 +371,7 @@ def bench_generator(
         grid = seq_grid(num_img_tokens)
     grid = tuple(int(g) for g in grid)
     n_img = grid[0] * grid[1] * grid[2]
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     flops = mmdit_flops(cfg, n_img, txt_len, batch)
     result: dict = {
         "benchmark": "generator",
@@ -406,3 +407,74 @@ def bench_generator(
             out["mfu"] = round(achieved / peak, 4)
         result[which] = out
     return result
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+REPORT_FILES = ("bench.json", "bench.md")
+
+
+def report_markdown(sections: dict) -> str:
+    """The benchmark report: run settings, then a table per benchmark (the generator's with its Flux peer)."""
+    run = next(iter(sections.values()))
+    lines = [
+        "# cinedit benchmarks",
+        "",
+        f"{run['device']}, {run['threads']} threads, {run['dtype']}, torch {run['torch']}. Times are medians of "
+        f"{run['repeats']} calls after a warm-up; peak memory is what the first call added (CUDA allocator peak, or "
+        f"process RSS on CPU, each model in its own process).",
+    ]
+    if "tokenizer" in sections:
+        t = sections["tokenizer"]
+        lines += [
+            "",
+            "## Tokenizer encode / decode",
+            "",
+            f"Preset {t['preset']} ({t['params_m']}M parameters), input (B, C, T, H, W) = {tuple(t['shape'])}; no "
+            f"peer is measured for the tokenizer.",
+            "",
+            "| phase | s per call | frames/s | peak memory (MB) |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {p} | {t[p]['median_s']} | {t[p]['frames_per_s']} | {t[p]['peak_mb']} |" for p in ("encode", "decode")
+        ]
+    if "generator" in sections:
+        g = sections["generator"]
+        lines += [
+            "",
+            "## Generator training step",
+            "",
+            f"Preset {g['preset']}, {g['img_tokens']} image tokens (grid t, h, w = {tuple(g['grid'])}) + "
+            f"{g['txt_tokens']} text tokens, batch {g['batch']}; {g['step']}; "
+            f"{g['flops']['train_step'] / 1e9:.3f} GFLOP per step (analytic).",
+            "",
+            "| model | params (M) | s/step | tokens/s | GFLOP/s | MFU | peak memory (MB) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        names = {"mmdit": "cinedit MMDiT", "flux": "diffusers Flux (peer, same shape)"}
+        for key, name in names.items():
+            if key in g:
+                r = g[key]
+                mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+                lines.append(
+                    f"| {name} | {r['params_m']} | {r['median_s']} | {r['tokens_per_s']} | {r['gflops_per_s']} | "
+                    f"{mfu} | {r['peak_mb']} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(sections: dict, out: os.PathLike) -> list:
+    """bench.json (every measured number) and bench.md in `out`, each written atomically."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, text in zip(REPORT_FILES, (json.dumps(sections, indent=2) + "\n", report_markdown(sections))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+        paths.append(out / name)
+    return paths

@@ -1,9 +1,11 @@
-"""`cinedit eval ...`: parity checks against the reference fixtures and benchmarks (reports to come)."""
+"""`cinedit eval ...`: reconstruction reports, VBench, benchmarks and parity checks against the reference fixtures."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from cinedit.eval import recon, vbench
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -33,71 +35,105 @@ def _parity(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _tokenizer_bench(args: argparse.Namespace, preset: str) -> dict:
+    from cinedit.eval import bench
+
+    res = bench.bench_tokenizer(
+        preset, args.frames or 8, args.size or 128, args.batch, args.repeats, args.device, args.dtype
+    )
+    print(
+        f"tokenizer {res['preset']} ({res['params_m']}M params), input {res['shape']}, {res['device']}, {res['dtype']}"
+    )
+    for name in ("encode", "decode"):
+        r = res[name]
+        print(f"  {name}: {r['frames_per_s']} frames/s ({r['median_s']} s per call), peak memory +{r['peak_mb']} MB")
+    return res
+
+
+def _generator_bench(args: argparse.Namespace, preset: str, with_flux: bool, grid_from_clip: bool) -> dict:
+    """Raises ValueError on a bad preset or shape."""
+    from cinedit.eval import bench
+
+    grid = None
+    if grid_from_clip and (args.frames is not None or args.size is not None):
+        if args.seq is not None:
+            raise ValueError("give --seq or --frames/--size, not both")
+        presets = bench.generator_presets()
+        if preset not in presets:
+            raise ValueError(f"unknown generator preset {preset!r}, expected one of {sorted(presets)}")
+        grid = bench.video_grid(presets[preset](), args.frames or 1, args.size or 256)
+    seq = 256 if args.seq is None else args.seq
+    txt_len = 64 if args.txt_len is None else args.txt_len
+    res = bench.bench_generator(
+        preset, seq, txt_len, args.batch, args.repeats, args.device, args.dtype, with_flux, grid
+    )
+    print(
+        f"generator {preset}, {res['img_tokens']} image tokens (grid {res['grid']}) + {res['txt_tokens']} text "
+        f"tokens, batch {res['batch']}, {res['device']}, {res['dtype']}, {res['threads']} threads"
+    )
+    print(
+        f"  training step = {res['step']}; analytic {res['flops']['train_step'] / 1e9:.3f} GFLOP per step "
+        f"(3 x forward {res['flops']['forward'] / 1e9:.3f})"
+    )
+    for name in ("mmdit", "flux"):
+        if name not in res:
+            continue
+        r = res[name]
+        mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        print(
+            f"  {name:<5} ({r['params_m']}M params): {r['median_s']} s/step, {r['tokens_per_s']} tokens/s, "
+            f"{r['gflops_per_s']} GFLOP/s{mfu}, peak memory +{r['peak_mb']} MB"
+        )
+    return res
+
+
+def _bench_args_error(args: argparse.Namespace) -> str:
+    """What is wrong with this combination of flags ("" if nothing)."""
+    if args.model == "all":
+        if args.preset:
+            return "--preset names one model's preset; with --model all use --tokenizer-preset / --generator-preset"
+    elif args.tokenizer_preset or args.generator_preset:
+        return "--tokenizer-preset / --generator-preset apply to --model all; use --preset"
+    if args.model == "tokenizer":
+        extra = [flag for flag, value in (("--seq", args.seq), ("--txt-len", args.txt_len)) if value is not None]
+        extra += ["--with-flux"] if args.with_flux else []
+        if extra:
+            return f"{', '.join(extra)} only apply to --model generator (or all)"
+    return ""
+
+
 def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from cinedit.eval import bench
 
-    if args.model == "tokenizer":
-        extra = [flag for flag, value in (("--seq", args.seq), ("--txt-len", args.txt_len)) if value is not None]
-        if args.with_flux:
-            extra.append("--with-flux")
-        if extra:
-            print(f"error: {', '.join(extra)} only apply to --model generator", file=sys.stderr)
-            return 2
-        preset = args.preset or "f32t4c128"
-        frames, size = args.frames or 8, args.size or 128
-        res = bench.bench_tokenizer(preset, frames, size, args.batch, args.repeats, args.device, args.dtype)
-        print(
-            f"tokenizer {res['preset']} ({res['params_m']}M params), input {res['shape']}, {res['device']}, "
-            f"{res['dtype']}"
-        )
-        for name in ("encode", "decode"):
-            r = res[name]
-            print(
-                f"  {name}: {r['frames_per_s']} frames/s ({r['median_s']} s per call), peak memory +{r['peak_mb']} MB"
-            )
-    else:
-        preset = args.preset or "debug"
-        grid = None
-        if args.frames is not None or args.size is not None:
-            if args.seq is not None:
-                print("error: give --seq or --frames/--size, not both", file=sys.stderr)
-                return 2
-            try:
-                grid = bench.video_grid(bench.generator_presets()[preset](), args.frames or 1, args.size or 256)
-            except (KeyError, ValueError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-        seq = 256 if args.seq is None else args.seq
-        txt_len = 64 if args.txt_len is None else args.txt_len
-        try:
-            res = bench.bench_generator(
-                preset, seq, txt_len, args.batch, args.repeats, args.device, args.dtype, args.with_flux, grid
-            )
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print(
-            f"generator {preset}, {res['img_tokens']} image tokens (grid {res['grid']}) + {res['txt_tokens']} text "
-            f"tokens, batch {res['batch']}, {res['device']}, {res['dtype']}, {res['threads']} threads"
-        )
-        print(
-            f"  training step = {res['step']}; analytic {res['flops']['train_step'] / 1e9:.3f} GFLOP per step "
-            f"(3 x forward {res['flops']['forward'] / 1e9:.3f})"
-        )
-        for name in ("mmdit", "flux"):
-            if name not in res:
-                continue
-            r = res[name]
-            mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
-            print(
-                f"  {name:<5} ({r['params_m']}M params): {r['median_s']} s/step, {r['tokens_per_s']} tokens/s, "
-                f"{r['gflops_per_s']} GFLOP/s{mfu}, peak memory +{r['peak_mb']} MB"
-            )
+    error = _bench_args_error(args)
+    out = Path(args.out) if args.out else None
+    existing = [out / n for n in bench.REPORT_FILES if (out / n).exists()] if out else []
+    if existing and not args.overwrite:
+        error = f"{', '.join(map(str, existing))} exist(s); pass --overwrite to replace them"
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    sections = {}
+    try:
+        if args.model in ("tokenizer", "all"):
+            preset = (args.tokenizer_preset if args.model == "all" else args.preset) or "f32t4c128"
+            sections["tokenizer"] = _tokenizer_bench(args, preset)
+        if args.model in ("generator", "all"):
+            preset = (args.generator_preset if args.model == "all" else args.preset) or "debug"
+            with_flux = args.with_flux or args.model == "all"  # the report always has its peer
+            sections["generator"] = _generator_bench(args, preset, with_flux, grid_from_clip=args.model == "generator")
+    except (KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
+        res = sections if args.model == "all" else sections[args.model]
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    if out:
+        for path in bench.write_report(sections, out):
+            print(f"wrote {path}")
     return 0
 
 
@@ -117,15 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_parity)
     b = sub.add_parser(
         "bench",
-        help="tokenizer encode / decode or generator training-step throughput and peak memory",
+        help="tokenizer and generator speed and memory (Flux as the peer); a JSON + Markdown report",
         description="--model tokenizer (default): time the tokenizer's encode and decode on a random clip and report "
         "frames/s. --model generator: time one MMDiT training step (forward + backward, no optimizer step) on random "
         "tokens and report tokens/s, analytic FLOPs, achieved FLOP/s, MFU on a known GPU; --with-flux measures "
-        "diffusers' FluxTransformer2DModel of the same shape too. Times are medians of --repeats after a warm-up; "
-        "peak memory is the CUDA allocator peak, or sampled process RSS on CPU, where each model runs in its own "
-        "process.",
+        "diffusers' FluxTransformer2DModel of the same shape too. --model all: both, Flux included, in one run. "
+        "--out DIR writes the report: bench.json (everything measured) and bench.md (device, dtype, shapes, "
+        "figures, peer figures). Times are medians of --repeats after a warm-up; peak memory is the CUDA allocator "
+        "peak, or sampled process RSS on CPU, where each model runs in its own process.",
     )
-    b.add_argument("--model", choices=["tokenizer", "generator"], default="tokenizer")
+    b.add_argument(
+        "--model",
+        choices=["tokenizer", "generator", "all"],
+        default="tokenizer",
+        help="all: both, the generator with its Flux peer (default tokenizer)",
+    )
     b.add_argument(
         "--preset",
         default=None,
@@ -152,8 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--with-flux", action="store_true", help="generator: also measure diffusers' Flux transformer of the same shape"
     )
-    b.add_argument("--json", help="also write the result here")
+    b.add_argument("--tokenizer-preset", help="--model all: tokenizer preset (default f32t4c128)")
+    b.add_argument("--generator-preset", help="--model all: generator preset (default debug); its tokens: --seq")
+    b.add_argument("--json", help="also write the raw result here")
+    b.add_argument("--out", metavar="DIR", help="write the report (bench.json + bench.md) into this folder")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     b.set_defaults(func=_bench)
+    recon.add_cli(sub)
+    vbench.add_cli(sub)
     return parser
 
 

@@ -7,6 +7,7 @@ Nothing is downloaded: the backbone is a local torchvision-format file and the h
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -237,3 +238,25 @@ def build_lpips(cfg: LPIPSConfig) -> LPIPS:
     if not backbone:
         raise _unavailable(cfg.net, "LPIPSConfig.backbone is empty and the torch hub cache does not have it")
     return LPIPS(cfg.net, backbone, cfg.heads or None)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(net: str, backbone: str, heads: str) -> LPIPS:
+    return build_lpips(LPIPSConfig(net, backbone, heads))
+
+
+def lpips(x: torch.Tensor, y: torch.Tensor, metric: LPIPS | LPIPSConfig | None = None) -> torch.Tensor:
+    """LPIPS per video (B,) of (B, C, T, H, W) videos in [-1, 1]: per frame, mean over frames (no gradients).
+
+    `metric` is a built LPIPS, or a config (built once and cached); the default is AlexNet with its backbone from
+    the torch hub cache. Raises LPIPSUnavailable when the weights are not on this machine.
+    """
+    if not isinstance(metric, LPIPS):
+        cfg = metric or LPIPSConfig()
+        metric = _cached(cfg.net, cfg.backbone, cfg.heads)
+    if x.ndim == 4:  # (C, T, H, W): one video, as psnr / ssim take it
+        x, y = x[None], y[None]
+    p = metric.shift
+    with torch.no_grad():
+        # Frames go through the backbone 16 at a time: a long clip in one batch would hold all its activations.
+        return lpips_video(metric, x.to(p.device, p.dtype), y.to(p.device, p.dtype), frames_per_batch=16).float()

