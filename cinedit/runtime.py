@@ -1,13 +1,7 @@
-"""The runtime both trainers share: process group, booster/plugin, seeding and RNG state, EMA, atomic
-checkpoint directories, metrics logging and the progress bar.
+"""The runtime both trainers share: process group, seeding and RNG state, EMA, atomic checkpoint directories,
+metrics logging, the progress bar, run directories and the training loop (`run_training`).
 
-Plugins (`build_booster`):
-
-- ``"ddp"``: ColossalAI's `TorchDDPPlugin`; runs on CPU (gloo) and GPU. On CPU it cannot take modules with
-  BatchNorm (it converts them to SyncBatchNorm, which DDP refuses on CPU), so such modules use ``"torch"``.
-- ``"zero2"``: ColossalAI's `LowLevelZeroPlugin` (stage 2, bf16); GPU only (it asserts a CUDA/NPU device).
-- ``"torch"``: plain PyTorch, DDP when the world has more than one process, the bare module otherwise.
-- ``"auto"``: ``"zero2"`` on CUDA, ``"ddp"`` on CPU.
+The booster / plugin built from config and the dp x cp process layout are in `cinedit.parallel`.
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ import os
 import random
 import shutil
 import sys
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -30,7 +23,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-PLUGINS = ("auto", "torch", "ddp", "zero2")
 CKPT_DIR = "ckpt"
 LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"
@@ -113,138 +105,6 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
     if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# booster / plugin
-
-
-class TorchBooster:
-    """Plain PyTorch behind the booster interface: DDP for world size > 1, the bare module otherwise."""
-
-    name = "torch"
-
-    def __init__(self, info: DistInfo):
-        self.info = info
-
-    def boost(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        model = model.to(self.info.device)
-        if self.info.world_size > 1:
-            ids = [self.info.device.index] if self.info.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        return model, optimizer
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-    def backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        loss.backward()
-
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
-        """Clip (when max_norm > 0), step and zero the gradients; returns the gradient norm before clipping."""
-        params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-    def save_model(self, model: nn.Module, path: Path) -> None:
-        if self.info.is_main:
-            from safetensors.torch import save_file
-
-            state = {k: v.detach().contiguous().cpu() for k, v in self.unwrap(model).state_dict().items()}
-            save_file(state, str(path / "model.safetensors"))
-
-    def load_model(self, model: nn.Module, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.unwrap(model).load_state_dict(load_file(str(path / "model.safetensors"), device=str(self.info.device)))
-
-    def save_optimizer(self, optimizer: torch.optim.Optimizer, path: Path) -> None:
-        if self.info.is_main:
-            torch.save(optimizer.state_dict(), path / "optimizer.pt")
-
-    def load_optimizer(self, optimizer: torch.optim.Optimizer, path: Path) -> None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.info.device, weights_only=True))
-
-
-class ColossalBooster:
-    """ColossalAI's `Booster` with `TorchDDPPlugin` ("ddp", CPU or GPU) or `LowLevelZeroPlugin` ("zero2", GPU)."""
-
-    def __init__(self, info: DistInfo, plugin: str, max_norm: float, precision: str):
-        with warnings.catch_warnings():
-            # Optional fused kernels (apex, tensornvme, ...) each warn at import; none is needed here.
-            warnings.simplefilter("ignore")
-            from colossalai.booster import Booster
-            from colossalai.booster.plugin import LowLevelZeroPlugin, TorchDDPPlugin
-        self.info, self.name = info, plugin
-        self.zero = plugin == "zero2"
-        if self.zero:
-            # ZeRO clips inside its own step (it owns the gradient shards), so max_norm goes to the plugin.
-            prec = "bf16" if precision == "bf16" else "fp32"
-            self.booster = Booster(plugin=LowLevelZeroPlugin(stage=2, precision=prec, max_norm=max_norm))
-        else:
-            self.booster = Booster(plugin=TorchDDPPlugin())
-
-    def boost(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
-        model, optimizer, *_ = self.booster.boost(model, optimizer)
-        return model, optimizer
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.unwrap() if hasattr(model, "unwrap") else model
-
-    def backward(self, loss: torch.Tensor, optimizer: Any) -> None:
-        self.booster.backward(loss, optimizer)
-
-    def step(self, model: nn.Module, optimizer: Any, max_norm: float) -> float:
-        if self.zero:
-            optimizer.step()
-            norm = optimizer.get_grad_norm()
-        else:
-            norm = optimizer.clip_grad_by_norm(max_norm if max_norm > 0 else float("inf"))
-            optimizer.step()
-        optimizer.zero_grad()
-        return float("nan") if norm is None else float(norm)
-
-    def save_model(self, model: nn.Module, path: Path) -> None:
-        self.booster.save_model(model, str(path / "model.safetensors"), shard=False, use_safetensors=True)
-
-    def load_model(self, model: nn.Module, path: Path) -> None:
-        self.booster.load_model(model, str(path / "model.safetensors"))
-
-    def save_optimizer(self, optimizer: Any, path: Path) -> None:
-        # ZeRO keeps optimizer states sharded: one folder of shards; DDP: one file.
-        target = path / ("optimizer" if self.zero else "optimizer.pt")
-        self.booster.save_optimizer(optimizer, str(target), shard=self.zero)
-
-    def load_optimizer(self, optimizer: Any, path: Path) -> None:
-        target = path / ("optimizer" if self.zero else "optimizer.pt")
-        self.booster.load_optimizer(optimizer, str(target))
-
-
-Booster = TorchBooster | ColossalBooster
-
-
-def resolve_plugin(plugin: str, device: torch.device) -> str:
-    """ "auto" -> ColossalAI "zero2" on CUDA, ColossalAI "ddp" on CPU; other names are checked against the device."""
-    if plugin not in PLUGINS:
-        raise ValueError(f"train.plugin must be one of {list(PLUGINS)}, got {plugin!r}")
-    if plugin == "auto":
-        return "zero2" if device.type == "cuda" else "ddp"
-    if plugin == "zero2" and device.type != "cuda":
-        raise ValueError(
-            "plugin 'zero2' (ColossalAI LowLevelZeroPlugin) needs CUDA: ColossalAI 0.5.0's ZeRO optimizer asserts a "
-            "CUDA or NPU device; on CPU use --train.plugin=ddp (ColossalAI TorchDDPPlugin) or torch"
-        )
-    return plugin
-
-
-def build_booster(plugin: str, info: DistInfo, max_norm: float = 0.0, precision: str = "bf16") -> Booster:
-    """A booster for `plugin` ("auto", "torch", "ddp", "zero2"); see the module docstring."""
-    plugin = resolve_plugin(plugin, info.device)
-    if plugin == "torch":
-        return TorchBooster(info)
-    return ColossalBooster(info, plugin, max_norm, precision)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -471,16 +331,13 @@ def forever(loader: Any) -> Iterator[Any]:
 
 __all__ = [
     "EMA",
-    "PLUGINS",
-    "ColossalBooster",
     "DistInfo",
     "MetricsLogger",
-    "TorchBooster",
+    "TrainHooks",
     "all_gather_objects",
     "all_reduce_sum",
     "autocast",
     "barrier",
-    "build_booster",
     "checkpoint_dir",
     "destroy_distributed",
     "forever",
@@ -489,8 +346,8 @@ __all__ = [
     "progress_bar",
     "prune_checkpoints",
     "read_metrics",
-    "resolve_plugin",
     "rng_state",
+    "run_training",
     "save_checkpoint",
     "seed_everything",
     "set_rng_state",

@@ -36,7 +36,7 @@ from cinedit.data.buckets import mix_seed
 from cinedit.data.cache_cmd import DEBUG_TOKENIZER, load_tokenizer, read_empty_text, text_identity, tokenizer_hash
 from cinedit.data.dataset import CachedLatentDataset, VideoDataset
 from cinedit.data.meta import read_meta
-from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler, dp_rank_size
+from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler
 from cinedit.generator.conditions import COND_TYPES, STAGE1_I2V_WEIGHTS, ConditionMix
 from cinedit.generator.flow import (
     CAPTION_DROPOUT,
@@ -50,10 +50,11 @@ from cinedit.generator.flow import (
 from cinedit.generator.math import make_ids, make_txt_ids, pack
 from cinedit.generator.model import PRESETS as MODEL_PRESETS
 from cinedit.generator.model import MMDiT, MMDiTConfig
-from cinedit.generator.parallel import apply_activation_checkpointing
+from cinedit.generator.parallel import ContextParallel, apply_activation_checkpointing
 from cinedit.generator.sampler import SamplerConfig
 from cinedit.generator.text import PRESETS as TEXT_PRESETS
 from cinedit.generator.text import TextEncoder, TextEncoderConfig
+from cinedit.parallel import Booster, ParallelConfig, build_booster
 from cinedit.tokenizer.tiling import chunked_latents
 
 KIND = "generator"
@@ -91,6 +92,8 @@ class ModelConfig:
     # Activation checkpointing of the first n double / single blocks (-1: all of them).
     grad_ckpt_double: int = 0
     grad_ckpt_single: int = 0
+    # Keep the checkpointed blocks' inputs in (pinned) CPU memory between forward and backward.
+    grad_ckpt_offload: bool = False
     # "" (random init), our model folder (a previous stage's `<out_dir>/model/generator` or the whole
     # `<out_dir>/model` pipeline folder), or the release's single MMDiT .safetensors file.
     init_from: str = ""
@@ -184,8 +187,7 @@ class OptimConfig:
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-15
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0: no clipping
+    weight_decay: float = 0.0  # gradient clipping is parallel.grad_clip (ZeRO clips inside its step)
 
 
 @dataclass
@@ -203,7 +205,7 @@ class EMAConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop: length, intervals, run directory, device and parallel plugin."""
+    """The loop: length, intervals, run directory and device (processes and precision: `parallel`)."""
 
     steps: int = 100_000
     log_every: int = 10
@@ -214,8 +216,6 @@ class TrainConfig:
     seed: int = 42
     out_dir: str = "runs/generator"
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # bf16 autocast on CUDA only; CPU runs are fp32
-    plugin: str = "auto"  # auto | torch | ddp | zero2 (see cinedit.runtime)
     resume: str = ""  # "" fresh run, "auto" the latest checkpoint in out_dir, or a checkpoint folder
     overwrite: bool = False  # replace a previous run's results in out_dir
     progress: bool = True
@@ -229,10 +229,6 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0 (0: never), got {getattr(self, name)}")
         if self.eval_batches < 1:
             raise ConfigError(f"train.eval_batches must be >= 1, got {self.eval_batches}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        if self.plugin not in runtime.PLUGINS:
-            raise ConfigError(f"train.plugin must be one of {list(runtime.PLUGINS)}, got {self.plugin!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
         if not self.out_dir:
@@ -253,11 +249,13 @@ class GeneratorTrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # ZeRO / DDP plugin, bf16, gradient clipping and context parallelism (cinedit.parallel).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SamplerConfig = field(default_factory=SamplerConfig)  # written into the pipeline for sampling
 
     def validate(self) -> None:
-        # Both check themselves in __post_init__, which overrides (setattr) skip: rebuild them.
-        for name, cls in (("text", TextEncoderConfig), ("sample", SamplerConfig)):
+        # These check themselves in __post_init__, which overrides (setattr) skip: rebuild them.
+        for name, cls in (("text", TextEncoderConfig), ("sample", SamplerConfig), ("parallel", ParallelConfig)):
             try:
                 cls(**dataclasses.asdict(getattr(self, name)))
             except (ValueError, TypeError) as e:
@@ -326,17 +324,55 @@ def stage2_256px_ti2v() -> GeneratorTrainConfig:
 
 @preset(KIND)
 def stage3_768px_ti2v() -> GeneratorTrainConfig:
-    """Stage 3: 768px text/image-to-video, lr 5e-5, every block checkpointed, the stage-2 condition mix.
+    """Stage 3: 768px text/image-to-video, lr 5e-5, context parallelism 4 (ring attention), every block
+    checkpointed, the stage-2 condition mix; clips encoded 32 frames at a time.
 
     `model.init_from` defaults to empty: pass the previous stage's pipeline, `--model.init_from=<stage2 out_dir>/model`.
-    The release runs this stage with context parallelism 4 (ring attention); that arrives with multi-process
-    training, so today each GPU holds whole 768px sequences.
+    The number of processes must be a multiple of 4.
     """
     cfg = stage2_256px_ti2v()
     cfg.data.buckets = stage3_buckets()
     cfg.model.grad_ckpt_double = cfg.model.grad_ckpt_single = -1
+    cfg.tokenizer.chunk_frames = 32
     cfg.optim.lr = 5e-5
+    cfg.parallel.cp_size, cfg.parallel.cp_mode = 4, "ring"
     cfg.train.out_dir = "runs/generator_stage3_768px_ti2v"
+    return cfg
+
+
+@preset(KIND)
+def debug_stage1() -> GeneratorTrainConfig:
+    """CPU twin of stage 1 (`scripts/debug_stages.sh`): the debug MMDiT, text-to-video on 64px clips and images."""
+    cfg = debug()
+    cfg.flow = FlowConfig(conditions={"t2v": 1.0})
+    cfg.ema.enabled = False  # as in the stage presets
+    cfg.train.out_dir = "runs/debug_stage1"
+    return cfg
+
+
+@preset(KIND)
+def debug_stage2() -> GeneratorTrainConfig:
+    """CPU twin of stage 2: the same buckets, the stage-2 condition mix (t2v / i2v head / tail / loop 1/5/1/1), a
+    lower learning rate; pass `--model.init_from=<debug_stage1 out_dir>/model` (the launch script does)."""
+    cfg = debug_stage1()
+    cfg.flow = FlowConfig(conditions=dict(STAGE1_I2V_WEIGHTS))
+    cfg.optim.lr = 5e-4
+    cfg.train.out_dir = "runs/debug_stage2"
+    return cfg
+
+
+@preset(KIND)
+def debug_stage3() -> GeneratorTrainConfig:
+    """CPU twin of stage 3: 128px clips, context parallelism 2 (ring attention; run it on 2 or 4 processes), every
+    block checkpointed with offload, clips encoded 4 frames at a time; from `<debug_stage2 out_dir>/model`."""
+    cfg = debug_stage2()
+    cfg.data.buckets = BucketConfig(table={"128px": {1: (1.0, 2), 8: (1.0, 1)}, "64px": {1: (1.0, 4), 8: (1.0, 2)}})
+    cfg.model.grad_ckpt_double = cfg.model.grad_ckpt_single = -1
+    cfg.model.grad_ckpt_offload = True
+    cfg.tokenizer.chunk_frames = 4
+    cfg.optim.lr = 1e-3
+    cfg.parallel.cp_size, cfg.parallel.cp_mode = 2, "ring"
+    cfg.train.out_dir = "runs/debug_stage3"
     return cfg
 
 
@@ -386,7 +422,9 @@ def build_model(cfg: ModelConfig, config: MMDiTConfig) -> MMDiT:
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"model.init_from: {e}") from None
     n = lambda v: None if v == -1 else v
-    apply_activation_checkpointing(model, n(cfg.grad_ckpt_double), n(cfg.grad_ckpt_single))
+    apply_activation_checkpointing(
+        model, n(cfg.grad_ckpt_double), n(cfg.grad_ckpt_single), offload=cfg.grad_ckpt_offload
+    )
     return model
 
 
@@ -460,7 +498,7 @@ class Trainer:
     info: runtime.DistInfo
     model: nn.Module  # boosted
     optimizer: Any
-    booster: runtime.Booster
+    booster: Booster  # also holds the dp x cp layout
     ema: runtime.EMA | None
     tokenizer: Any  # VideoDCAE, frozen
     text: TextEncoder | None  # None when text embeddings come from the cache
@@ -469,6 +507,7 @@ class Trainer:
     conditions: ConditionMix
     dataset: Dataset
     loader: BucketLoader
+    cp: ContextParallel | None = None  # shards each sample's sequence over the cp group (parallel.cp_size > 1)
     eval_data: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     step: int = 0
 
@@ -514,14 +553,22 @@ def build_trainer(cfg: GeneratorTrainConfig, info: runtime.DistInfo) -> Trainer:
     if cfg.ema.enabled:
         ema = runtime.EMA(model, cfg.ema.decay, cfg.ema.warmup)
         ema.module.to(info.device)
-    o = cfg.optim
-    booster = runtime.build_booster(cfg.train.plugin, info, o.grad_clip, cfg.train.precision)
+    o, pc = cfg.optim, cfg.parallel
+    try:
+        booster = build_booster(pc, info)
+    except ValueError as e:
+        raise ConfigError(f"parallel: {e}") from None
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     model, optimizer = booster.boost(model, optimizer)
-    dp_rank, dp_size = dp_rank_size(info.rank, info.world_size)
-    loader = build_loader(ds, cfg, dp_rank, dp_size, cfg.data.seed)
+    layout = booster.layout
+    cp = None
+    if layout.cp_size > 1:
+        ulysses = pc.ulysses_size() if pc.cp_mode == "hybrid" else None
+        cp = ContextParallel(layout.cp_group, pc.cp_mode, ulysses)
+    # Context-parallel group members read the same samples.
+    loader = build_loader(ds, cfg, layout.dp_rank, layout.dp_size, cfg.data.seed)
     return Trainer(
-        cfg, info, model, optimizer, booster, ema, tokenizer, text, empty_txt, empty_vec, cfg.flow.mix(), ds, loader
+        cfg, info, model, optimizer, booster, ema, tokenizer, text, empty_txt, empty_vec, cfg.flow.mix(), ds, loader, cp
     )
 
 
@@ -536,7 +583,7 @@ def encode_batch(tr: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, torc
         x0 = batch["latent"].to(dev, non_blocking=True)
     else:
         video = batch["video"].to(dev, non_blocking=True)
-        with torch.no_grad(), runtime.autocast(dev, tr.cfg.train.precision):
+        with torch.no_grad(), runtime.autocast(dev, tr.cfg.parallel.precision):
             chunks = tr.cfg.tokenizer.chunk_frames
             x0 = tr.tokenizer.encode_latents(video) if not chunks else chunked_latents(tr.tokenizer, video, chunks)
     if "txt" in batch:
@@ -548,8 +595,9 @@ def encode_batch(tr: Trainer, batch: dict[str, Any]) -> tuple[torch.Tensor, torc
 
 
 def step_generator(tr: Trainer, step: int) -> torch.Generator:
-    """The CPU generator of all of a step's draws: the same on any device, and exact on resume."""
-    return torch.Generator().manual_seed(mix_seed(tr.cfg.train.seed, step, tr.info.rank))
+    """The CPU generator of all of a step's draws: the same on any device, exact on resume, and shared by the
+    members of a context-parallel group (seeded by the data-parallel rank)."""
+    return torch.Generator().manual_seed(mix_seed(tr.cfg.train.seed, step, tr.booster.layout.dp_rank))
 
 
 def flow_inputs(
@@ -582,26 +630,30 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
     noise = torch.randn(x0.shape, generator=g).to(dev)
     inputs, target = flow_inputs(tr, x0, txt, t, noise)
     tr.model.train()
-    with runtime.autocast(dev, cfg.train.precision):
-        pred = tr.model(txt=txt, y_vec=vec, cond=cond.tokens(p), **inputs)
+    with runtime.autocast(dev, cfg.parallel.precision):
+        if tr.cp is None:
+            pred = tr.model(txt=txt, y_vec=vec, cond=cond.tokens(p), **inputs)
+        else:
+            # Every rank of the group gets the whole prediction and takes the same loss (see ContextParallel).
+            pred = tr.cp.forward(tr.model, txt=txt, y_vec=vec, cond=cond.tokens(p), **inputs)
     mask = None if cfg.flow.loss_on_given else cond.loss_mask(p)
     loss = flow_loss(pred, target, mask)
     tr.booster.backward(loss, tr.optimizer)
-    grad_norm = tr.booster.step(tr.model, tr.optimizer, cfg.optim.grad_clip)
+    grad_norm = tr.booster.step(tr.model, tr.optimizer, cfg.parallel.grad_clip)
     if tr.ema is not None:
         tr.ema.update(tr.module)
     return {
         "loss": float(loss.detach()),
         "grad_norm": grad_norm,
         "lr": tr.optimizer.param_groups[0]["lr"],
-        "tokens": float(b * inputs["img"].shape[1]),
+        "tokens": float(b * inputs["img"].shape[1]) / tr.booster.layout.cp_size,  # this rank's share
         "given_share": float(cond.mask.mean()),
     }
 
 
 def build_eval_data(tr: Trainer) -> None:
     """Encode `train.eval_batches` fixed batches (their own seeded draw of the training data) once."""
-    dp_rank, dp_size = dp_rank_size(tr.info.rank, tr.info.world_size)
+    dp_rank, dp_size = tr.booster.layout.dp_rank, tr.booster.layout.dp_size
     loader = build_loader(tr.dataset, tr.cfg, dp_rank, dp_size, mix_seed(tr.cfg.data.seed, 0xE7A1))
     tr.eval_data = []
     for batch in loader:
@@ -628,7 +680,7 @@ def evaluate(tr: Trainer) -> dict[str, float]:
         for j, t_value in enumerate(EVAL_TIMESTEPS):
             t = torch.full((x0.shape[0],), t_value, device=dev)
             inputs, target = flow_inputs(tr, x0, txt, t, noise)
-            with runtime.autocast(dev, tr.cfg.train.precision):
+            with runtime.autocast(dev, tr.cfg.parallel.precision):
                 pred = model(txt=txt, y_vec=vec, **inputs)
             sums[j] += float(flow_loss(pred, target))
     n = float(len(tr.eval_data))

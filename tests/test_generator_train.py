@@ -72,12 +72,14 @@ def test_stage_presets_follow_the_design():
     assert (s1.optim.lr, s2.optim.lr, s3.optim.lr) == (5e-5, 1e-5, 5e-5)
     for cfg in (s1, s2, s3):
         assert cfg.model.preset == "11b-dcae" and cfg.model.init_from == "" and cfg.tokenizer.path == ""
-        assert cfg.optim.eps == 1e-15 and cfg.optim.weight_decay == 0 and cfg.optim.grad_clip == 1.0
+        assert cfg.optim.eps == 1e-15 and cfg.optim.weight_decay == 0 and cfg.parallel.grad_clip == 1.0
         assert cfg.text.kind == "t5_clip" and cfg.flow.caption_dropout == 0.316
     assert s1.flow.conditions == {"t2v": 1.0} and s2.flow.conditions == STAGE1_I2V_WEIGHTS
     assert s1.data.buckets.table["256px"][1] == (1.0, 45) and s1.data.buckets.table["256px"][32] == (1.0, 12)
     assert set(s3.data.buckets.table) == {"768px"} and s3.data.buckets.table["768px"][128] == (1.0, 2)
     assert (s3.model.grad_ckpt_double, s3.model.grad_ckpt_single) == (-1, -1)
+    assert (s1.parallel.cp_size, s3.parallel.cp_size, s3.parallel.cp_mode) == (1, 4, "ring")
+    assert s1.parallel.zero_stage == 2 and s1.parallel.precision == "bf16" and s1.parallel.reduce_bucket_mb == 128
     weights = train_mod.FlowConfig(conditions={"t2v": 1.0, "i2v_head": 3.0}, inpaint_share=0.2).mix().weights
     assert weights == pytest.approx({"t2v": 0.2, "i2v_head": 0.6, "inpaint": 0.2})
 
@@ -252,6 +254,6 @@ def test_colossalai_booster_and_plain_torch_give_the_same_losses(meta, tmp_path)
     runs = {}
     for plugin in ("ddp", "torch"):
         out = tmp_path / plugin
-        assert train_mod.main(args(meta, out, f"--train.plugin={plugin}", "--train.steps=3")) == 0
+        assert train_mod.main(args(meta, out, f"--parallel.plugin={plugin}", "--train.steps=3")) == 0
         runs[plugin] = scalars(out)
     assert len(runs["ddp"]) == 3 and runs["ddp"] == runs["torch"]

@@ -16,6 +16,7 @@ from cinedit.data.index import build_index
 from cinedit.data.meta import write_meta
 from cinedit.data.video import write_video
 from cinedit.eval.lpips import LPIPSConfig, LPIPSUnavailable, vgg16_features
+from cinedit.parallel import ParallelConfig
 from cinedit.tokenizer import load_pretrained
 from cinedit.tokenizer import train as train_mod
 from cinedit.tokenizer.losses import (
@@ -166,10 +167,9 @@ def test_ema_warmup_and_state():
 
 def test_plugin_resolution_on_cpu():
     cpu = torch.device("cpu")
-    assert runtime.resolve_plugin("auto", cpu) == "ddp"  # ColossalAI's TorchDDPPlugin
-    assert runtime.resolve_plugin("torch", cpu) == "torch"
-    with pytest.raises(ValueError, match="asserts a CUDA or NPU device"):
-        runtime.resolve_plugin("zero2", cpu)
+    assert ParallelConfig().resolve_plugin(cpu) == "ddp"  # ColossalAI's TorchDDPPlugin
+    assert ParallelConfig(plugin="torch").resolve_plugin(cpu) == "torch"
+    assert ParallelConfig().resolve_plugin(torch.device("cuda")) == "zero"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -183,7 +183,10 @@ def test_help_config_and_bad_override(meta, tmp_path, capsys):
     assert "--disc.start=5" in capsys.readouterr().out
     assert train_mod.main(args(meta, tmp_path / "run", "--optim.lrr=1")) == 2
     assert "optim.lr" in capsys.readouterr().err
-    assert train_mod.main(args(meta, tmp_path / "run", "--train.plugin=zero3")) == 2
+    assert train_mod.main(args(meta, tmp_path / "run", "--parallel.plugin=zero3")) == 2
+    assert "parallel.plugin must be one of" in capsys.readouterr().err
+    assert train_mod.main(args(meta, tmp_path / "run", "--parallel.cp_size=2")) == 2
+    assert "cp_size must be 1 for the tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -284,6 +287,6 @@ def test_colossalai_booster_and_plain_torch_give_the_same_losses(meta, tmp_path)
     runs = {}
     for plugin in ("ddp", "torch"):
         out = tmp_path / plugin
-        assert train_mod.main(args(meta, out, f"--train.plugin={plugin}", *extra)) == 0
+        assert train_mod.main(args(meta, out, f"--parallel.plugin={plugin}", *extra)) == 0
         runs[plugin] = losses(out)
     assert len(runs["ddp"]) == 3 and runs["ddp"] == runs["torch"]

@@ -11,6 +11,7 @@ loss (`cinedit.tokenizer.losses`). Each step trains on one bucketed batch of cli
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta
 from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler
 from cinedit.data.video import frame_stride, num_sampled_frames
+from cinedit.parallel import Booster, ParallelConfig, build_booster
 from cinedit.tokenizer.losses import (
     DiscConfig,
     LossConfig,
@@ -114,8 +116,7 @@ class OptimConfig:
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0: no clipping
+    weight_decay: float = 0.0  # gradient clipping is parallel.grad_clip (ZeRO clips inside its step)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class EMAConfig:
 
 @dataclass
 class TrainConfig:
-    """The loop: length, intervals, run directory, device and parallel plugin."""
+    """The loop: length, intervals, run directory and device (processes and precision: `parallel`)."""
 
     steps: int = 100_000
     log_every: int = 10
@@ -141,8 +142,6 @@ class TrainConfig:
     seed: int = 42
     out_dir: str = "runs/tokenizer"
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # bf16 autocast on CUDA only; CPU runs are fp32
-    plugin: str = "auto"  # auto | torch | ddp | zero2 (see cinedit.runtime)
     resume: str = ""  # "" fresh run, "auto" the latest checkpoint in out_dir, or a checkpoint folder
     overwrite: bool = False  # replace a previous run's results in out_dir
     progress: bool = True
@@ -156,10 +155,6 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 0 (0: never), got {getattr(self, name)}")
         if not 0 <= self.image_share <= 1:
             raise ConfigError(f"train.image_share must be in [0, 1], got {self.image_share}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"train.precision must be 'bf16' or 'fp32', got {self.precision!r}")
-        if self.plugin not in runtime.PLUGINS:
-            raise ConfigError(f"train.plugin must be one of {list(runtime.PLUGINS)}, got {self.plugin!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
         if not self.out_dir:
@@ -177,6 +172,20 @@ class TokenizerTrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # ZeRO / DDP plugin, bf16 and gradient clipping (cinedit.parallel); no context parallelism here.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        # ParallelConfig checks itself in __post_init__, which overrides (setattr) skip: rebuild it.
+        try:
+            ParallelConfig(**dataclasses.asdict(self.parallel))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"parallel: {e}") from None
+        if self.parallel.cp_size != 1:
+            raise ConfigError(
+                "parallel.cp_size must be 1 for the tokenizer: its clips are short enough for one process (long "
+                "inputs are tiled at inference)"
+            )
 
 
 @preset(KIND)
@@ -350,13 +359,13 @@ class Trainer:
     info: runtime.DistInfo
     model: nn.Module  # boosted
     optimizer: Any
-    booster: runtime.Booster
+    booster: Booster
     ema: runtime.EMA
     loss_fn: ReconstructionLoss
     data: TrainData
     disc: nn.Module | None = None  # boosted
     disc_optimizer: Any = None
-    disc_booster: runtime.Booster | None = None
+    disc_booster: Booster | None = None
     step: int = 0
 
     @property
@@ -380,19 +389,19 @@ def build_trainer(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> Trainer:
     ema = runtime.EMA(model, cfg.ema.decay, cfg.ema.warmup)
     ema.module.to(info.device)
     o = cfg.optim
-    booster = runtime.build_booster(cfg.train.plugin, info, o.grad_clip, cfg.train.precision)
+    booster = build_booster(cfg.parallel, info)
     optimizer = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay, o.eps)
     model, optimizer = booster.boost(model, optimizer)
     tr = Trainer(cfg, info, model, optimizer, booster, ema, loss_fn, build_data(cfg, info))
     if cfg.disc.enabled:
         d = cfg.disc
         disc = build_discriminator(d)
-        plugin = runtime.resolve_plugin(cfg.train.plugin, info.device)
+        plugin = cfg.parallel.resolve_plugin(info.device)
         if plugin == "ddp" and info.device.type == "cpu":
             # ColossalAI's TorchDDPPlugin turns BatchNorm into SyncBatchNorm, which DDP refuses on CPU modules; the
             # discriminator (BatchNorm3d) takes the plain torch path there, the autoencoder still the booster.
             plugin = "torch"
-        tr.disc_booster = runtime.build_booster(plugin, info, 0.0, cfg.train.precision)
+        tr.disc_booster = build_booster(dataclasses.replace(cfg.parallel, plugin=plugin, grad_clip=0.0), info)
         disc_opt = build_optimizer(disc.parameters(), d.lr, d.betas, d.weight_decay)
         tr.disc, tr.disc_optimizer = tr.disc_booster.boost(disc, disc_opt)
     return tr
@@ -417,7 +426,7 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
     x = batch["video"].to(dev, non_blocking=True)
     adversarial = tr.disc is not None and step >= cfg.disc.start
     tr.model.train()
-    with runtime.autocast(dev, cfg.train.precision):
+    with runtime.autocast(dev, cfg.parallel.precision):
         rec = tr.model(x)
     nll, parts = tr.loss_fn(x, rec)
     out = {f"loss/{k}": float(v) for k, v in parts.items()}
@@ -427,7 +436,7 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
         # and no DDP forward without a matching backward.
         disc = tr.disc_booster.unwrap(tr.disc)
         disc.requires_grad_(False)
-        with runtime.autocast(dev, cfg.train.precision):
+        with runtime.autocast(dev, cfg.parallel.precision):
             logits_fake = disc(rec)
         g_loss = generator_adv_loss(logits_fake.float())
         weight = adaptive_weight(nll, g_loss, tr.last_layer(), cfg.disc.max_adaptive) * cfg.disc.weight
@@ -436,11 +445,11 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
         disc.requires_grad_(True)
     out["loss/total"] = float(loss.detach())
     tr.booster.backward(loss, tr.optimizer)
-    out["grad_norm"] = tr.booster.step(tr.model, tr.optimizer, cfg.optim.grad_clip)
+    out["grad_norm"] = tr.booster.step(tr.model, tr.optimizer, cfg.parallel.grad_clip)
     tr.ema.update(tr.module)
     if adversarial:
         # Real and fake in one forward: one backward per DDP forward, and BatchNorm sees both in its statistics.
-        with runtime.autocast(dev, cfg.train.precision):
+        with runtime.autocast(dev, cfg.parallel.precision):
             logits = tr.disc(torch.cat([x, rec.detach()]))
         real, fake = logits.float().chunk(2)
         d_loss = hinge_d_loss(real, fake)
@@ -470,7 +479,7 @@ def evaluate(tr: Trainer) -> tuple[dict[str, float], torch.Tensor | None]:
     preview = None
     for i in range(0, len(tr.data.heldout), bs):
         x = torch.stack(tr.data.heldout[i : i + bs]).to(dev)
-        with runtime.autocast(dev, tr.cfg.train.precision):
+        with runtime.autocast(dev, tr.cfg.parallel.precision):
             rec = model(x)
         rec = rec.float().clamp(-1, 1)
         l1_sum += float((rec - x).abs().mean(dim=(1, 2, 3, 4)).sum())
