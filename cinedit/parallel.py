@@ -18,13 +18,16 @@ Gradients with cp > 1: every rank of a cp group computes the same loss from the 
 the group's parameter gradients is the gradient of that loss. Every plugin averages gradients over all dp x cp
 ranks, so `backward` multiplies the loss by cp_size: the average is then the mean over dp of full gradients.
 
-Checkpoints (`save_*` / `load_*` take a directory; every rank calls them, only rank 0 writes) are the same for
-every plugin and every number of processes:
+Checkpoints (`save_*` / `load_*` take a directory; every rank calls them) are written sharded: every rank writes
+whole tensors of its own share of the parameters (balanced by size), so no rank ever holds the whole optimizer.
+The format is the same for every plugin and every number of processes, so a run resumes on another one:
 
-- ``model.safetensors``: the full model state in the working dtype (bf16 under ZeRO bf16).
-- ``optimizer.pt``: ``{"param_groups": [{..., "params": [names]}], "state": {name: {key: full tensor}}}``.
-- ``master.safetensors``: the fp32 master weights by name (zero/hybrid; their optimizer keeps the masters).
-  Loading it puts the masters back exactly and sets the working weights from them, as a continuing run has them.
+- ``model-RRRRR-of-WWWWW.safetensors`` + ``model.index.json`` (name -> file): the model state in the working dtype.
+- ``optimizer-RRRRR-of-WWWWW.pt`` (``{name: {key: full tensor}}``) + ``optimizer.index.json`` (param groups with
+  parameter names, name -> file).
+- ``master-RRRRR-of-WWWWW.safetensors`` + ``master.index.json``: the fp32 master weights (zero/hybrid; their
+  optimizer keeps the masters). Loading them puts the masters back exactly and sets the working weights from them,
+  as a continuing run has them.
 """
 
 from __future__ import annotations
@@ -45,9 +48,40 @@ if TYPE_CHECKING:
 PLUGINS = ("auto", "torch", "ddp", "zero", "hybrid")
 PRECISIONS = ("bf16", "fp32")
 CP_MODES = ("ulysses", "ring", "hybrid")
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-MASTER_FILE = "master.safetensors"
+INDEX = "{}.index.json"  # model / optimizer / master
+
+
+def shard_name(kind: str, rank: int, world: int) -> str:
+    return f"{kind}-{rank:05d}-of-{world:05d}" + (".pt" if kind == "optimizer" else ".safetensors")
+
+
+def shard_owners(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Which rank writes each tensor: largest first to the least loaded rank (the same answer on every rank)."""
+    load, owners = [0] * world, {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owners[name], load[r] = r, load[r] + sizes[name]
+    return owners
+
+
+def _write_index(path: Path, kind: str, weight_map: dict[str, str], **extra: Any) -> None:
+    import json
+
+    doc = {**extra, "weight_map": weight_map}
+    (Path(path) / INDEX.format(kind)).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def _read_index(path: Path, kind: str) -> dict[str, Any]:
+    import json
+
+    index = Path(path) / INDEX.format(kind)
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} holds no {kind} checkpoint ({index.name} is missing)")
+    return json.loads(index.read_text())
+
+
+def _world_rank() -> tuple[int, int]:
+    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
 
 
 @dataclass
@@ -202,14 +236,14 @@ def layout_from_groups(dp_group: Any, cp_group: Any, cp_size: int) -> Layout:
 # checkpoint helpers shared by the boosters
 
 
-def _gather(shard: Tensor, like: Tensor, group: Any) -> Tensor | None:
+def _gather(shard: Tensor, like: Tensor, group: Any, keep: bool) -> Tensor | None:
     """The full tensor (shaped like `like`, on CPU) of ZeRO's flat shard over `group` (None: `shard` is full).
 
-    Collective over `group`; only the main rank gets the tensor (others None), so one CPU copy of the optimizer
-    exists per job rather than one per rank.
+    Collective over `group`; only the rank that writes the tensor (`keep`) gets a CPU copy (others None), so the
+    job holds one CPU copy of the optimizer, spread over the ranks.
     """
     if group is None:
-        return shard.detach().reshape(like.shape).cpu() if _is_main() else None
+        return shard.detach().reshape(like.shape).cpu() if keep else None
     n = dist.get_world_size(group)
     flat = shard.detach().reshape(-1).contiguous()
     if n > 1:
@@ -218,7 +252,7 @@ def _gather(shard: Tensor, like: Tensor, group: Any) -> Tensor | None:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather(out, flat, group=group)
         flat = out
-    return flat[: like.numel()].reshape(like.shape).cpu() if _is_main() else None
+    return flat[: like.numel()].reshape(like.shape).cpu() if keep else None
 
 
 def _scatter(full: Tensor, group: Any) -> Tensor:
@@ -231,10 +265,6 @@ def _scatter(full: Tensor, group: Any) -> Tensor:
     size = -(-flat.numel() // n)
     piece = flat[r * size : (r + 1) * size]
     return nn.functional.pad(piece, (0, size - piece.numel())).clone()
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 class _BoosterBase:
@@ -275,48 +305,75 @@ class _BoosterBase:
         loss.backward()
 
     def save_model(self, model: nn.Module, path: Path) -> None:
-        """Write `model.safetensors` (rank 0; ZeRO keeps whole working weights on every rank)."""
-        if _is_main():
-            from safetensors.torch import save_file
+        """Write this rank's share of the model state (every rank holds the whole working weights, ZeRO too)."""
+        from safetensors.torch import save_file
 
-            state = {k: v.detach().contiguous().cpu() for k, v in self.unwrap(model).state_dict().items()}
-            save_file(state, str(Path(path) / MODEL_FILE))
+        world, rank = _world_rank()
+        state = self.unwrap(model).state_dict()
+        owners = shard_owners({k: v.numel() for k, v in state.items()}, world)
+        mine = {k: v.detach().contiguous().cpu() for k, v in state.items() if owners[k] == rank}
+        save_file(mine, str(Path(path) / shard_name("model", rank, world)))
+        if rank == 0:
+            _write_index(path, "model", {k: shard_name("model", r, world) for k, r in owners.items()})
 
     def load_model(self, model: nn.Module, path: Path) -> None:
         from safetensors.torch import load_file
 
-        self.unwrap(model).load_state_dict(load_file(str(Path(path) / MODEL_FILE)))
+        files = sorted(set(_read_index(path, "model")["weight_map"].values()))
+        state = {k: v for f in files for k, v in load_file(str(Path(path) / f)).items()}
+        self.unwrap(model).load_state_dict(state)
         # ZeRO: fp32 masters from the loaded working weights; `load_optimizer` replaces them by the saved ones.
         update = getattr(model, "update_master_params", None)
         if update is not None:
             update()
 
     def save_optimizer(self, optimizer: Any, path: Path) -> None:
-        """Write `optimizer.pt` (and `master.safetensors`) with whole tensors by parameter name; collective."""
+        """Write this rank's share of the optimizer states (and fp32 masters), whole tensors by parameter name.
+
+        Collective: ZeRO shards are gathered parameter by parameter, and only the owner keeps the whole tensor.
+        """
+        from safetensors.torch import save_file
+
+        world, rank = _world_rank()
         inner = self._inner(optimizer)
+        all_entries = self._entries(optimizer)
+        owners = shard_owners({e[0]: e[2].numel() for group in all_entries for e in group}, world)
         groups, state, masters = [], {}, {}
-        for group, entries in zip(inner.param_groups, self._entries(optimizer)):
+        for group, entries in zip(inner.param_groups, all_entries):
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [e[0] for e in entries]})
             for name, p, working, pg in entries:
-                st = inner.state.get(p, {})
+                st, keep = inner.state.get(p, {}), owners[name] == rank
                 # ZeRO's per-parameter states are flat shards like p; scalars (step) are the same on every rank.
-                state[name] = {
-                    k: _gather(v, working, pg) if torch.is_tensor(v) and v.shape == p.shape and k != "step" else v
+                full = {
+                    k: _gather(v, working, pg, keep) if torch.is_tensor(v) and v.shape == p.shape and k != "step" else v
                     for k, v in st.items()
                 }
-                if self.holds_masters:
-                    masters[name] = _gather(p, working, pg)
-        if _is_main():
-            torch.save({"param_groups": groups, "state": state}, Path(path) / OPTIMIZER_FILE)
+                master = _gather(p, working, pg, keep) if self.holds_masters else None
+                if keep:
+                    state[name] = full
+                    if master is not None:
+                        masters[name] = master.float().contiguous()
+        torch.save(state, Path(path) / shard_name("optimizer", rank, world))
+        if self.holds_masters:
+            save_file(masters, str(Path(path) / shard_name("master", rank, world)))
+        if rank == 0:
+            _write_index(
+                path,
+                "optimizer",
+                {k: shard_name("optimizer", r, world) for k, r in owners.items()},
+                param_groups=groups,
+            )
             if self.holds_masters:
-                from safetensors.torch import save_file
-
-                save_file({k: v.float() for k, v in masters.items()}, str(Path(path) / MASTER_FILE))
+                _write_index(path, "master", {k: shard_name("master", r, world) for k, r in owners.items()})
 
     def load_optimizer(self, optimizer: Any, path: Path) -> None:
         """Load what `save_optimizer` wrote, under any plugin and number of processes."""
-        # Memory-mapped: every rank reads its shards of one file without a whole copy per rank.
-        doc = torch.load(Path(path) / OPTIMIZER_FILE, map_location="cpu", weights_only=True, mmap=True)
+        index = _read_index(path, "optimizer")
+        # Memory-mapped: every rank reads its ZeRO pieces without a whole copy of every file.
+        states: dict[str, Any] = {}
+        for f in sorted(set(index["weight_map"].values())):
+            states.update(torch.load(Path(path) / f, map_location="cpu", weights_only=True, mmap=True))
+        doc = {"param_groups": index["param_groups"], "state": states}
         inner = self._inner(optimizer)
         entries = self._entries(optimizer)
         if len(doc["param_groups"]) != len(entries):
@@ -340,21 +397,21 @@ class _BoosterBase:
                     }
                 index += 1
         inner.load_state_dict({"state": state, "param_groups": groups})
-        master_file = Path(path) / MASTER_FILE
-        if master_file.is_file():
-            self._load_masters(entries, master_file)
+        if (Path(path) / INDEX.format("master")).is_file():
+            self._load_masters(entries, path)
 
     @torch.no_grad()
-    def _load_masters(self, entries: list[list[tuple[str, Tensor, Tensor, Any]]], master_file: Path) -> None:
+    def _load_masters(self, entries: list[list[tuple[str, Tensor, Tensor, Any]]], path: Path) -> None:
         from safetensors import safe_open
 
-        with safe_open(str(master_file), framework="pt") as masters:
-            for name, p, working, pg in (e for group in entries for e in group):
-                full = masters.get_tensor(name)
-                p.copy_(_scatter(full, pg).reshape(p.shape))
-                if p is not working:
-                    # The working weights of a continuing run are the masters cast down after each step.
-                    working.copy_(full.reshape(working.shape))
+        weight_map = _read_index(path, "master")["weight_map"]
+        handles = {f: safe_open(str(Path(path) / f), framework="pt") for f in set(weight_map.values())}
+        for name, p, working, pg in (e for group in entries for e in group):
+            full = handles[weight_map[name]].get_tensor(name)
+            p.copy_(_scatter(full, pg).reshape(p.shape))
+            if p is not working:
+                # The working weights of a continuing run are the masters cast down after each step.
+                working.copy_(full.reshape(working.shape))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -451,6 +451,7 @@ def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) ->
     info = init_distributed(cfg.train.device)
     t0 = time.time()
     ckpt = prepare_run_dir(cfg, info, hooks.run_control)
+    barrier()  # every rank has checked out_dir before the main rank writes into it
     out = Path(cfg.train.out_dir)
     if info.is_main:
         save_config(cfg, out, preset=preset_name)

@@ -278,11 +278,17 @@ def test_bf16_resume_is_exact(runs):
     assert runs["two"]["zero2_bf16_from_two"]["norm"] == runs["two"]["zero2_bf16"]["norm"][later]
     # The masters carry what bf16 weights cannot: rebuilding them from the model would not be this run.
     path = runs["root"] / "two_bf16"
-    masters, working = load_file(str(path / "master.safetensors")), load_file(str(path / "model.safetensors"))
+    # Written sharded: each of the 2 ranks wrote its own share of every kind, whole tensors, no name twice.
+    shards = {kind: sorted(path.glob(f"{kind}-*-of-00002.*")) for kind in ("model", "optimizer", "master")}
+    assert all(len(files) == 2 for files in shards.values()), shards
+    masters = [load_file(str(f)) for f in shards["master"]]
+    assert all(masters) and not set(masters[0]) & set(masters[1])
+    masters = {k: v for m in masters for k, v in m.items()}
+    working = {k: v for f in shards["model"] for k, v in load_file(str(f)).items()}
     assert masters.keys() <= working.keys()
     assert all(masters[k].dtype == torch.float32 and working[k].dtype == torch.bfloat16 for k in masters)
     assert all(torch.equal(masters[k].bfloat16(), working[k]) for k in masters)
     assert any(not torch.equal(masters[k], working[k].float()) for k in masters)
-    optimizer = torch.load(path / "optimizer.pt", weights_only=True)
-    assert set(optimizer["state"]) == set(masters)
-    assert all(s["exp_avg"].shape == masters[k].shape for k, s in optimizer["state"].items())
+    optimizer = {k: v for f in shards["optimizer"] for k, v in torch.load(f, weights_only=True).items()}
+    assert set(optimizer) == set(masters)
+    assert all(s["exp_avg"].shape == masters[k].shape for k, s in optimizer.items())
