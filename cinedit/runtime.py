@@ -458,7 +458,15 @@ def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) ->
     tr = hooks.build(cfg, info)
     logger = MetricsLogger(out, enabled=info.is_main)
     if ckpt is not None:
-        hooks.load(tr, ckpt)
+        from cinedit.configs import ConfigError
+
+        try:
+            hooks.load(tr, ckpt)
+        except FileNotFoundError as e:
+            raise ConfigError(
+                f"cannot resume from {ckpt}: {e}. It may have been written before checkpoints were sharded: "
+                f"continue it with the cinedit version that wrote it, or start over with --train.overwrite=true"
+            ) from None
         logger.truncate_after(tr.step)
     else:
         logger.reset()

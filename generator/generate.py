@@ -192,8 +192,9 @@ def inpaint_condition(pipe: Pipeline, video: Tensor, regenerate: Tensor) -> Cond
     return build_condition(z, (~regen).float())
 
 
-def read_mask(spec: str, num_frames: int, size: tuple[int, int]) -> Tensor:
-    """Pixel mask (1, 1, T|1, H, W) bool, True = regenerate, from an image, a video or `frames:A-B[,C-D]`."""
+def read_mask(spec: str, num_frames: int, size: tuple[int, int], stride: int | None = None) -> Tensor:
+    """Pixel mask (1, 1, T|1, H, W) bool, True = regenerate, from an image, a video (read at `stride`, default
+    ceil(fps / 24)) or `frames:A-B[,C-D]`."""
     h, w = size
     if spec.startswith(FRAMES_PREFIX):
         frames = torch.zeros(num_frames, dtype=torch.bool)
@@ -212,7 +213,7 @@ def read_mask(spec: str, num_frames: int, size: tuple[int, int]) -> Tensor:
     if is_image(spec):
         px = read_image(spec, size)
     else:
-        px = read_video(spec, num_frames=num_frames, stride=1, size=size, start=0)
+        px = read_video(spec, num_frames=num_frames, stride=stride, size=size, start=0)
     return (px.mean(0) > 0)[None, None]  # brighter than mid-grey = regenerate
 
 
@@ -304,10 +305,12 @@ def _condition(pipe: Pipeline, args: argparse.Namespace, size: tuple[int, int]) 
     if args.ref:
         return image_condition(pipe, read_image(args.ref, size)[None], args.cond_type, args.num_frames)
     if args.ref_video:
-        video = read_video(args.ref_video, num_frames=args.num_frames, stride=1, size=size, start=0)
+        # The training frame rate: ceil(fps / 24) unless --stride says otherwise.
+        stride = args.stride or None
+        video = read_video(args.ref_video, num_frames=args.num_frames, stride=stride, size=size, start=0)
         if video.shape[1] != args.num_frames:
             raise InputError(f"--ref-video {args.ref_video} is an image; {args.num_frames} frames need a video")
-        return inpaint_condition(pipe, video[None], read_mask(args.mask, args.num_frames, size))
+        return inpaint_condition(pipe, video[None], read_mask(args.mask, args.num_frames, size, stride))
     return None
 
 
@@ -360,6 +363,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     ref.add_argument("--ref", metavar="IMAGE", help="image-to-video: the given frame")
     ref.add_argument("--ref-video", metavar="VIDEO", help="inpainting: the video to edit (with --mask)")
     p.add_argument("--mask", help="inpainting: mask image or video (white = regenerate), or frames:A-B")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=0,
+        help="frame stride for --ref-video and a mask video (default 0: ceil(fps / 24), as training reads clips)",
+    )
     p.add_argument("--cond-type", choices=I2V_TYPES, default="i2v_head", help="where --ref goes (default: head)")
     p.add_argument("--resolution", default="256px", help="bucket resolution (default 256px)")
     p.add_argument("--aspect-ratio", default="16:9", help="width:height, e.g. 16:9, 9:16, 1:1 (default 16:9)")
