@@ -7,6 +7,7 @@
 # `colossalai run --hostfile` starts every node from here; without it run the same command on every node with
 # NODE_RANK=0..NODES-1 and MASTER_ADDR=<node 0> (SLURM: srun sets both from its own variables, see the README).
 # --debug runs the stage's CPU twin (preset debug_stageN): GPUS_PER_NODE processes on the CPU with gloo.
+# DRY_RUN=1 prints the launch command without running it.
 set -euo pipefail
 
 usage() {
@@ -71,5 +72,6 @@ launch_stage() {
         export CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     fi
     echo "+ ${cmd[*]}" >&2
+    [[ "${DRY_RUN:-0}" == 1 ]] && exit 0  # print the launch command only
     exec "${cmd[@]}"
 }

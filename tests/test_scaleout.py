@@ -187,6 +187,24 @@ def test_launch_scripts_check_their_arguments(tmp_path):
     assert proc.returncode == 2 and "meta file" in proc.stderr and "not found" in proc.stderr
 
 
+def test_multi_node_launch_commands(meta, tmp_path):
+    """Several nodes: `colossalai run --hostfile` from node 0, or torchrun with this node's rank (DRY_RUN prints)."""
+    script = str(ROOT / "scripts" / "stage1_256px_t2v.sh")
+    hosts = tmp_path / "hosts.txt"
+    hosts.write_text("node0\nnode1\n")
+    env = {**os.environ, "DRY_RUN": "1", "HOSTFILE": str(hosts), "MASTER_ADDR": "node0"}
+    proc = subprocess.run(["bash", script, "2", "8", str(meta), str(tmp_path / "os2")], env=env, capture_output=True)
+    cmd = proc.stderr.decode()
+    assert proc.returncode == 0, cmd
+    assert "colossalai run --nproc_per_node 8 --hostfile" in cmd and "--num_nodes 2 --master_addr node0" in cmd
+    assert "-m cinedit.generator.train stage1_256px_t2v" in cmd and f"--train.out_dir={tmp_path / 'os2'}/stage1" in cmd
+    env = {**os.environ, "DRY_RUN": "1", "NODE_RANK": "1", "MASTER_ADDR": "node0"}
+    proc = subprocess.run(["bash", script, "2", "8", str(meta), str(tmp_path / "os2")], env=env, capture_output=True)
+    cmd = proc.stderr.decode()
+    assert proc.returncode == 0 and "torch.distributed.run --nnodes 2 --node-rank 1 --nproc-per-node 8" in cmd, cmd
+    assert "--master-addr node0" in cmd and "--train.resume=auto" in cmd
+
+
 def test_world_must_divide_by_cp(meta, tmp_path, capsys):
     # One process cannot hold a context-parallel group of 2: a clear config error, nothing trained.
     assert train_mod.main(argv(meta, tmp_path / "run", "--parallel.cp_size=2", "--train.steps=1")) == 2
