@@ -92,6 +92,20 @@ def test_context_parallel_training_matches_one_process(meta, tmp_path):
         assert losses(out, "tokens_per_s")
 
 
+def test_dp2_x_cp2_matches_dp2(meta, tmp_path):
+    """4 processes as 2 data-parallel x 2 context-parallel (Ulysses) log the losses of 2 data-parallel processes:
+    context-parallel group members share samples and draws, and gradients average over data ranks only."""
+    common = ("--train.steps=2", "--train.ckpt_every=0", "--parallel.plugin=torch")
+    dp, both = tmp_path / "dp", tmp_path / "dp_cp"
+    assert run_workers(train_worker, 2, argv(meta, dp, *common), False) == [0, 0]
+    extra = ("--parallel.cp_size=2", "--parallel.cp_mode=ulysses")
+    assert run_workers(train_worker, 4, argv(meta, both, *common, *extra), False) == [0] * 4
+    for key in ("loss", "grad_norm"):
+        a, b = losses(dp, key), losses(both, key)
+        assert sorted(a) == sorted(b) == [1, 2]
+        assert all(b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6) for s in a), (key, a, b)
+
+
 def test_zero2_kill_and_resume_is_exact_and_survives_a_crashed_save(meta, tmp_path):
     """ZeRO-2 (ColossalAI LowLevelZeroPlugin, fp32) on 2 processes: killed after the step-3 checkpoint, resumed, it
     logs the uninterrupted run's losses bit for bit; a save that dies midway leaves the previous checkpoint, which
