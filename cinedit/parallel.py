@@ -548,6 +548,11 @@ class ColossalBooster(_BoosterBase):
                     f"plugin 'ddp' or 'torch'"
                 ) from e
             raise
+        if self.info.device.type == "cuda" and getattr(model, "convert_fn", None) is not None:
+            # The ZeRO wrappers cast every float input to bf16, flow times and RoPE positions included (t = 0.3
+            # becomes 0.30078). On CUDA the trainers run under bf16 autocast, so the inputs can stay fp32; on CPU
+            # there is no autocast path, and the cast keeps bf16 weights and inputs matched.
+            model.convert_fn = None
         self._remember_names(model)
         return model, optimizer
 
