@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cinedit.data.sample import build_sample_data
 
@@ -13,3 +14,12 @@ def sample_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample_data")
     meta = build_sample_data(root, overwrite=True, progress=False)
     return root, meta
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -47,13 +47,8 @@ def luma_blocks(video: torch.Tensor, k: int = 8) -> torch.Tensor:
     return F.avg_pool2d(y, k)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Debug-size tensors: thread start-up costs more than it saves, badly so on a loaded machine (7x measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Debug-size models: intra-op threads cost more than they save, badly so on a loaded 2-core runner.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -44,13 +44,8 @@ PUBLISHED = {
 ROUNDING = 0.015
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Debug-size models: extra intra-op threads only contend with each other on a busy 2-core runner.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Debug-size models: intra-op threads cost more than they save, badly so on a loaded 2-core runner.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def published(model: str) -> tuple[tuple[float, float, float], dict[str, float]]:
