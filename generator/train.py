@@ -1,6 +1,6 @@
 """Train the MMDiT generator: `cinedit generator train STAGE_OR_RUN_DIR --section.field=value ...`.
 
-Also `python -m cinedit.generator.train ...` (and, once multi-process training lands, under torchrun). Each step
+Also `python -m cinedit.generator.train ...`, under torchrun or `colossalai run` (`scripts/stage*.sh`). Each step
 takes one bucketed batch of clips or images, encodes it with the frozen tokenizer (or reads cached latents,
 `--data.use_cache=true`), embeds the captions with the frozen text encoder (or reads them from the cache), drops
 captions to the empty prompt, draws a visual condition per sample (t2v / i2v / inpainting) and regresses the

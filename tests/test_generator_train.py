@@ -132,7 +132,7 @@ def test_debug_run_writes_metrics_checkpoints_and_pipeline(meta, tmp_path, capsy
     assert {"grad_norm", "lr", "tokens_per_s", "given_share"} <= set(row)
     assert runtime.latest_checkpoint(out) == out / "ckpt" / "step-000004"
     ckpt = out / "ckpt" / "step-000002"
-    assert (ckpt / "ema.safetensors").is_file() and (ckpt / "model" / "optimizer.pt").is_file()
+    assert (ckpt / "ema.safetensors").is_file() and (ckpt / "model" / "optimizer-00000-of-00001.pt").is_file()
     assert json.loads((ckpt / "state.json").read_text())["loader"]["consumed"] == 2
     assert load_config(out).train.steps == 4
     assert list((out / "tb").iterdir())

@@ -203,7 +203,7 @@ def test_debug_run_writes_metrics_checkpoints_and_model(meta, tmp_path, capsys):
     assert sorted(losses(out)) == [1, 2, 3, 4]
     assert sorted(losses(out, "loss/disc")) == [2, 3, 4] and "adaptive_weight" in rows[-2]
     assert runtime.latest_checkpoint(out) == out / "ckpt" / "step-000004"
-    assert (out / "ckpt" / "step-000002" / "disc" / "optimizer.pt").is_file()
+    assert (out / "ckpt" / "step-000002" / "disc" / "optimizer.index.json").is_file()
     assert load_config(out).train.steps == 4
     model = load_pretrained(out / "model")
     assert model.config.latent_channels == 16
