@@ -257,11 +257,9 @@ def _write_json(path: Path, doc: Any) -> None:
 # 2. tokenizer and 4. generator training (the `train` commands' own code path: preset + overrides -> fit)
 
 
-def tokenizer_argv(run: Run) -> list[str]:
-    steps = run.plan.tokenizer_steps
+def run_args(run: Run, steps: int, out_dir: Path) -> list[str]:
+    """The overrides every demo training run takes: seeds, length, intervals, device, run directory, resume."""
     return [
-        TOKENIZER_PRESET,
-        f"--data.meta={run.out / 'data' / 'meta_filtered.csv'}",
         f"--data.seed={run.plan.seed}",
         f"--train.seed={run.plan.seed}",
         f"--train.steps={steps}",
@@ -269,30 +267,26 @@ def tokenizer_argv(run: Run) -> list[str]:
         f"--train.ckpt_every={every(steps, 8)}",
         "--train.keep_checkpoints=2",
         f"--train.device={run.plan.device}",
-        f"--train.out_dir={run.out / TOKENIZER_DIR}",
+        f"--train.out_dir={out_dir}",
         "--train.resume=auto",
     ]
 
 
+def tokenizer_argv(run: Run) -> list[str]:
+    meta = f"--data.meta={run.out / 'data' / 'meta_filtered.csv'}"
+    return [TOKENIZER_PRESET, meta, *run_args(run, run.plan.tokenizer_steps, run.out / TOKENIZER_DIR)]
+
+
 def stage_argv(run: Run, stage: str) -> list[str]:
     preset, overrides = STAGES[stage]
-    steps = run.plan.stage_steps[stage]
     argv = [
         preset,
         *overrides,
         f"--tokenizer.path={run.out / SCALED_TOKENIZER}",
         "--data.use_cache=true",
         f"--data.cache_dir={run.out / CACHE_DIR / cache_owner(stage)}",
-        f"--data.seed={run.plan.seed}",
-        f"--train.seed={run.plan.seed}",
-        f"--train.steps={steps}",
-        f"--train.eval_every={every(steps, 10)}",
-        f"--train.ckpt_every={every(steps, 8)}",
-        "--train.keep_checkpoints=2",
-        f"--train.device={run.plan.device}",
         f"--train.fps={FPS}",
-        f"--train.out_dir={run.out / ('generator_' + stage)}",
-        "--train.resume=auto",
+        *run_args(run, run.plan.stage_steps[stage], run.out / ("generator_" + stage)),
     ]
     names = list(STAGES)
     if names.index(stage) > 0:
