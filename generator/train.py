@@ -643,7 +643,8 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
     if tr.ema is not None:
         tr.ema.update(tr.module)
     return {
-        "loss": float(loss.detach()),
+        # The mean over all ranks (context-parallel members hold equal copies), not rank 0's own batch.
+        "loss": runtime.all_reduce_sum([float(loss.detach())], dev)[0] / tr.info.world_size,
         "grad_norm": grad_norm,
         "lr": tr.optimizer.param_groups[0]["lr"],
         "tokens": float(b * inputs["img"].shape[1]) / tr.booster.layout.cp_size,  # this rank's share

@@ -70,6 +70,20 @@ def train_worker(rank: int, world: int, args: list[str], zero: bool, die_at: int
         return f"interrupted: {e}"
 
 
+def recording_worker(rank: int, world: int, args: list[str]) -> list[float]:
+    """`cinedit generator train ARGS`, returning this rank's own per-step losses."""
+    real_loss, local = train_mod.flow_loss, []
+
+    def recorded(*a, **kw):
+        loss = real_loss(*a, **kw)
+        local.append(float(loss.detach()))
+        return loss
+
+    train_mod.flow_loss = recorded
+    assert train_mod.main(args) == 0
+    return local
+
+
 @pytest.fixture(scope="module")
 def meta(sample_data) -> Path:
     return sample_data[1]
@@ -97,7 +111,10 @@ def test_dp2_x_cp2_matches_dp2(meta, tmp_path):
     context-parallel group members share samples and draws, and gradients average over data ranks only."""
     common = ("--train.steps=2", "--train.ckpt_every=0", "--parallel.plugin=torch")
     dp, both = tmp_path / "dp", tmp_path / "dp_cp"
-    assert run_workers(train_worker, 2, argv(meta, dp, *common), False) == [0, 0]
+    local = run_workers(recording_worker, 2, argv(meta, dp, *common))
+    assert local[0] != local[1]  # the two data ranks trained on different batches
+    # The logged loss is the mean over data ranks, not rank 0's own.
+    assert losses(dp) == {s + 1: pytest.approx((a + b) / 2, rel=1e-12) for s, (a, b) in enumerate(zip(*local))}
     extra = ("--parallel.cp_size=2", "--parallel.cp_mode=ulysses")
     assert run_workers(train_worker, 4, argv(meta, both, *common, *extra), False) == [0] * 4
     for key in ("loss", "grad_norm"):
