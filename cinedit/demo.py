@@ -428,7 +428,9 @@ def sample_jobs(run: Run) -> list[dict[str, Any]]:
             "inpaint",
             f"inpainting: {Path(clip[0]).name} with {INPAINT_MASK} regenerated",
             clip[1],
-            ["--ref-video", clip_real, "--mask", INPAINT_MASK],
+            # The original file, read at the training stride (`sample --stride` default): re-encoding it first
+            # would make the sample depend on x264's run-to-run differences.
+            ["--ref-video", clip[0], "--mask", INPAINT_MASK],
             clip_real,
         ),
     ]
