@@ -244,6 +244,70 @@ def write_json(path: Path, doc: Any) -> None:
     _write_text_atomic(path, json.dumps(doc, indent=2) + "\n")
 
 
+STATE_FILE = "state.json"
+
+
+def save_training(
+    run_dir: str | os.PathLike,
+    step: int,
+    info: DistInfo,
+    parts: dict[str, tuple[Any, nn.Module, Any]],
+    ema: EMA | None,
+    state: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """One atomic checkpoint of a training run (collective): for each `parts` entry `folder: (booster, model,
+    optimizer)` the model and optimizer (sharded, see `cinedit.parallel`), every rank's RNG states, the EMA weights
+    and `state.json` (step, EMA updates, world size, plugin, plus the trainer's `state`, e.g. loader positions).
+    Then all but the newest `keep` checkpoints are removed (0: keep all)."""
+
+    def write(path: Path) -> None:
+        for folder, (booster, model, optimizer) in parts.items():
+            (path / folder).mkdir(exist_ok=True)
+            booster.save_model(model, path / folder)
+            booster.save_optimizer(optimizer, path / folder)
+        (path / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), path / "rng" / f"rank-{info.rank:05d}.pt")
+        if info.is_main:
+            from safetensors.torch import save_file
+
+            if ema is not None:
+                weights = {k: v.contiguous().cpu() for k, v in ema.module.state_dict().items()}
+                save_file(weights, str(path / "ema.safetensors"))
+            plugin = next(iter(parts.values()))[0].name
+            doc = {"step": step, "ema_updates": ema.updates if ema is not None else 0, **state}
+            write_json(path / STATE_FILE, {**doc, "world_size": info.world_size, "plugin": plugin})
+
+    out = save_checkpoint(run_dir, step, write, info)
+    if info.is_main:
+        prune_checkpoints(run_dir, keep)
+    return out
+
+
+def load_training(
+    path: Path, info: DistInfo, parts: dict[str, tuple[Any, nn.Module, Any]], ema: EMA | None
+) -> dict[str, Any]:
+    """Load what `save_training` wrote into `parts` and `ema` (under any process count); returns `state.json`.
+
+    A part whose folder the checkpoint lacks (e.g. a discriminator added later) keeps its fresh state; a rank
+    without a saved RNG file (more processes than were saved) keeps its seeded RNG.
+    """
+    from safetensors.torch import load_file
+
+    doc = json.loads((path / STATE_FILE).read_text())
+    for i, (folder, (booster, model, optimizer)) in enumerate(parts.items()):
+        if i == 0 or (path / folder).is_dir():
+            booster.load_model(model, path / folder)
+            booster.load_optimizer(optimizer, path / folder)
+    if ema is not None:
+        ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
+        ema.updates = int(doc["ema_updates"])
+    rng = path / "rng" / f"rank-{info.rank:05d}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=False))
+    return doc
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # logging
 
@@ -343,12 +407,14 @@ __all__ = [
     "forever",
     "init_distributed",
     "latest_checkpoint",
+    "load_training",
     "progress_bar",
     "prune_checkpoints",
     "read_metrics",
     "rng_state",
     "run_training",
     "save_checkpoint",
+    "save_training",
     "seed_everything",
     "set_rng_state",
     "write_json",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -697,51 +696,24 @@ def evaluate(tr: Trainer) -> dict[str, float]:
 # checkpoints and the pipeline folder
 
 
+def checkpoint_parts(tr: Trainer) -> dict[str, tuple[Any, nn.Module, Any]]:
+    return {"model": (tr.booster, tr.model, tr.optimizer)}
+
+
 def save(tr: Trainer, run_dir: Path) -> Path:
-    """An atomic checkpoint of everything needed to continue exactly (see `runtime.save_checkpoint`)."""
+    """An atomic checkpoint of everything needed to continue exactly (see `runtime.save_training`)."""
     loaders = runtime.all_gather_objects(tr.loader.state_dict())
-
-    def write(path: Path) -> None:
-        (path / "model").mkdir(exist_ok=True)
-        tr.booster.save_model(tr.model, path / "model")
-        tr.booster.save_optimizer(tr.optimizer, path / "model")
-        (path / "rng").mkdir(exist_ok=True)
-        torch.save(runtime.rng_state(), path / "rng" / f"rank-{tr.info.rank:05d}.pt")
-        if tr.info.is_main:
-            from safetensors.torch import save_file
-
-            if tr.ema is not None:
-                state = {k: v.contiguous().cpu() for k, v in tr.ema.module.state_dict().items()}
-                save_file(state, str(path / "ema.safetensors"))
-            doc = {
-                "step": tr.step,
-                "ema_updates": tr.ema.updates if tr.ema is not None else 0,
-                "loader": loaders[0],  # every data rank's position is the same global batch count
-                "world_size": tr.info.world_size,
-                "plugin": tr.booster.name,
-            }
-            runtime.write_json(path / "state.json", doc)
-
-    out = runtime.save_checkpoint(run_dir, tr.step, write, tr.info)
-    if tr.info.is_main:
-        runtime.prune_checkpoints(run_dir, tr.cfg.train.keep_checkpoints)
-    return out
+    # Every data rank's position is the same global batch count.
+    state = {"loader": loaders[0]}
+    return runtime.save_training(
+        run_dir, tr.step, tr.info, checkpoint_parts(tr), tr.ema, state, tr.cfg.train.keep_checkpoints
+    )
 
 
 def load(tr: Trainer, path: Path) -> None:
     """Continue from a checkpoint folder written by `save`."""
-    from safetensors.torch import load_file
-
-    doc = json.loads((path / "state.json").read_text())
-    tr.booster.load_model(tr.model, path / "model")
-    tr.booster.load_optimizer(tr.optimizer, path / "model")
-    if tr.ema is not None:
-        tr.ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(tr.info.device)))
-        tr.ema.updates = int(doc["ema_updates"])
+    doc = runtime.load_training(path, tr.info, checkpoint_parts(tr), tr.ema)
     tr.loader.load_state_dict(doc["loader"])
-    rng = path / "rng" / f"rank-{tr.info.rank:05d}.pt"
-    if rng.is_file():
-        runtime.set_rng_state(torch.load(rng, weights_only=False))
     tr.step = int(doc["step"])
 
 

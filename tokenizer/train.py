@@ -500,8 +500,15 @@ def evaluate(tr: Trainer) -> tuple[dict[str, float], torch.Tensor | None]:
 # checkpoints
 
 
+def checkpoint_parts(tr: Trainer) -> dict[str, tuple[Any, nn.Module, Any]]:
+    parts = {"generator": (tr.booster, tr.model, tr.optimizer)}
+    if tr.disc is not None:
+        parts["disc"] = (tr.disc_booster, tr.disc, tr.disc_optimizer)
+    return parts
+
+
 def save(tr: Trainer, run_dir: Path) -> Path:
-    """An atomic checkpoint of everything needed to continue exactly (see `runtime.save_checkpoint`)."""
+    """An atomic checkpoint of everything needed to continue exactly (see `runtime.save_training`)."""
     states = runtime.all_gather_objects(
         {
             "video": tr.data.video.state_dict() if tr.data.video else None,
@@ -509,59 +516,18 @@ def save(tr: Trainer, run_dir: Path) -> Path:
         }
     )
     loaders = {k: next((s[k] for s in states if s[k] is not None), None) for k in ("video", "image")}
-
-    def write(path: Path) -> None:
-        (path / "generator").mkdir(exist_ok=True)
-        tr.booster.save_model(tr.model, path / "generator")
-        tr.booster.save_optimizer(tr.optimizer, path / "generator")
-        if tr.disc is not None:
-            (path / "disc").mkdir(exist_ok=True)
-            tr.disc_booster.save_model(tr.disc, path / "disc")
-            tr.disc_booster.save_optimizer(tr.disc_optimizer, path / "disc")
-        (path / "rng").mkdir(exist_ok=True)
-        torch.save(runtime.rng_state(), path / "rng" / f"rank-{tr.info.rank:05d}.pt")
-        if tr.info.is_main:
-            from safetensors.torch import save_file
-
-            save_file(
-                {k: v.contiguous().cpu() for k, v in tr.ema.module.state_dict().items()}, str(path / "ema.safetensors")
-            )
-            doc = {
-                "step": tr.step,
-                "ema_updates": tr.ema.updates,
-                "loaders": loaders,
-                "world_size": tr.info.world_size,
-                "plugin": tr.booster.name,
-            }
-            runtime.write_json(path / "state.json", doc)
-
-    out = runtime.save_checkpoint(run_dir, tr.step, write, tr.info)
-    if tr.info.is_main:
-        runtime.prune_checkpoints(run_dir, tr.cfg.train.keep_checkpoints)
-    return out
+    return runtime.save_training(
+        run_dir, tr.step, tr.info, checkpoint_parts(tr), tr.ema, {"loaders": loaders}, tr.cfg.train.keep_checkpoints
+    )
 
 
 def load(tr: Trainer, path: Path) -> None:
-    """Continue from a checkpoint folder written by `save`."""
-    import json
-
-    from safetensors.torch import load_file
-
-    doc = json.loads((path / "state.json").read_text())
-    tr.booster.load_model(tr.model, path / "generator")
-    tr.booster.load_optimizer(tr.optimizer, path / "generator")
-    if tr.disc is not None and (path / "disc").is_dir():
-        tr.disc_booster.load_model(tr.disc, path / "disc")
-        tr.disc_booster.load_optimizer(tr.disc_optimizer, path / "disc")
-    tr.ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(tr.info.device)))
-    tr.ema.updates = int(doc["ema_updates"])
+    """Continue from a checkpoint folder written by `save` (one without a discriminator too)."""
+    doc = runtime.load_training(path, tr.info, checkpoint_parts(tr), tr.ema)
     for name in ("video", "image"):
         loader, state = getattr(tr.data, name), doc["loaders"].get(name)
         if loader is not None and state is not None:
             loader.load_state_dict(state)
-    rng = path / "rng" / f"rank-{tr.info.rank:05d}.pt"
-    if rng.is_file():
-        runtime.set_rng_state(torch.load(rng, weights_only=False))
     tr.step = int(doc["step"])
 
 
