@@ -16,6 +16,7 @@ from cinedit.configs.core import (
 )
 from cinedit.configs.data import BucketConfig, DataConfig, debug_buckets, frame_range, stage1_buckets, stage3_buckets
 from cinedit.configs.presets import PRESETS, config_from_argv, preset, resolve
+from cinedit.configs.train import EMAConfig, LoopConfig
 
 __all__ = [
     "CONFIG_FILE",
@@ -23,6 +24,8 @@ __all__ = [
     "BucketConfig",
     "ConfigError",
     "DataConfig",
+    "EMAConfig",
+    "LoopConfig",
     "apply_overrides",
     "config_from_argv",
     "debug_buckets",

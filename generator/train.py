@@ -27,10 +27,12 @@ from cinedit.configs import (
     BucketConfig,
     ConfigError,
     DataConfig,
+    LoopConfig,
     preset,
     stage1_buckets,
     stage3_buckets,
 )
+from cinedit.configs import EMAConfig as BaseEMAConfig
 from cinedit.data.buckets import mix_seed
 from cinedit.data.cache_cmd import DEBUG_TOKENIZER, load_tokenizer, read_empty_text, text_identity, tokenizer_hash
 from cinedit.data.dataset import CachedLatentDataset, VideoDataset
@@ -190,48 +192,25 @@ class OptimConfig:
 
 
 @dataclass
-class EMAConfig:
+class EMAConfig(BaseEMAConfig):
     """An fp32 EMA copy of the weights on every rank (off in the stage presets: 44 GB more for the 11B model)."""
 
     enabled: bool = False
-    decay: float = 0.99
-    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) over the first updates
-
-    def validate(self) -> None:
-        if not 0 <= self.decay < 1:
-            raise ConfigError(f"ema.decay must be in [0, 1), got {self.decay}")
 
 
 @dataclass
-class TrainConfig:
-    """The loop: length, intervals, run directory and device (processes and precision: `parallel`)."""
+class TrainConfig(LoopConfig):
+    """The loop (`LoopConfig`), with fixed evaluation batches and the pipeline's frame rate."""
 
-    steps: int = 100_000
-    log_every: int = 10
     eval_every: int = 1000  # flow loss of fixed batches at fixed t and noise (0: never)
     eval_batches: int = 4
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 0  # keep only the newest N checkpoints (0: all)
-    seed: int = 42
     out_dir: str = "runs/generator"
-    device: str = "auto"  # auto | cpu | cuda
-    resume: str = ""  # "" fresh run, "auto" the latest checkpoint in out_dir, or a checkpoint folder
-    overwrite: bool = False  # replace a previous run's results in out_dir
-    progress: bool = True
     fps: float = 24.0  # frame rate written into the pipeline (clips are read at about 24 fps)
 
     def validate(self) -> None:
-        if self.steps < 0:
-            raise ConfigError(f"train.steps must be >= 0, got {self.steps}")
-        for name in ("log_every", "eval_every", "ckpt_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0 (0: never), got {getattr(self, name)}")
+        super().validate()
         if self.eval_batches < 1:
             raise ConfigError(f"train.eval_batches must be >= 1, got {self.eval_batches}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        if not self.out_dir:
-            raise ConfigError("train.out_dir is empty")
         if self.fps <= 0:
             raise ConfigError(f"train.fps must be positive, got {self.fps}")
 

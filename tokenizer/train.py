@@ -25,12 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from cinedit import runtime
-from cinedit.configs import (
-    BucketConfig,
-    ConfigError,
-    DataConfig,
-    preset,
-)
+from cinedit.configs import BucketConfig, ConfigError, DataConfig, EMAConfig, LoopConfig, preset
 from cinedit.data.buckets import mix_seed, uniform
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta
@@ -120,45 +115,19 @@ class OptimConfig:
 
 
 @dataclass
-class EMAConfig:
-    decay: float = 0.99
-    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) over the first updates
+class TrainConfig(LoopConfig):
+    """The loop (`LoopConfig`), with the share of image steps and TensorBoard previews."""
 
-    def validate(self) -> None:
-        if not 0 <= self.decay < 1:
-            raise ConfigError(f"ema.decay must be in [0, 1), got {self.decay}")
-
-
-@dataclass
-class TrainConfig:
-    """The loop: length, intervals, run directory and device (processes and precision: `parallel`)."""
-
-    steps: int = 100_000
-    log_every: int = 10
-    eval_every: int = 1000
-    ckpt_every: int = 1000
-    keep_checkpoints: int = 0  # keep only the newest N checkpoints (0: all)
-    image_share: float = 0.2  # share of steps (one process) or of ranks (several) on image batches
-    seed: int = 42
     out_dir: str = "runs/tokenizer"
-    device: str = "auto"  # auto | cpu | cuda
-    resume: str = ""  # "" fresh run, "auto" the latest checkpoint in out_dir, or a checkpoint folder
-    overwrite: bool = False  # replace a previous run's results in out_dir
-    progress: bool = True
+    image_share: float = 0.2  # share of steps (one process) or of ranks (several) on image batches
     log_images: int = 1  # held-out reconstructions written to TensorBoard at each evaluation
 
     def validate(self) -> None:
+        super().validate()
         if self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
-        for name in ("log_every", "eval_every", "ckpt_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0 (0: never), got {getattr(self, name)}")
         if not 0 <= self.image_share <= 1:
             raise ConfigError(f"train.image_share must be in [0, 1], got {self.image_share}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
-        if not self.out_dir:
-            raise ConfigError("train.out_dir is empty")
 
 
 @dataclass

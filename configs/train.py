@@ -1,0 +1,47 @@
+"""The config sections both trainers share: the training loop and the EMA."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cinedit.configs.core import ConfigError
+
+
+@dataclass
+class LoopConfig:
+    """The loop: length, intervals, run directory and device (processes and precision: the `parallel` section)."""
+
+    steps: int = 100_000
+    log_every: int = 10
+    eval_every: int = 1000  # 0: never
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 0  # keep only the newest N checkpoints (0: all)
+    seed: int = 42
+    out_dir: str = "runs/train"
+    device: str = "auto"  # auto | cpu | cuda
+    resume: str = ""  # "" fresh run, "auto" the latest checkpoint in out_dir, or a checkpoint folder
+    overwrite: bool = False  # replace a previous run's results in out_dir
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"train.steps must be >= 0, got {self.steps}")
+        for name in ("log_every", "eval_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0: never), got {getattr(self, name)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        if not self.out_dir:
+            raise ConfigError("train.out_dir is empty")
+
+
+@dataclass
+class EMAConfig:
+    """An fp32 EMA copy of the weights on every rank."""
+
+    decay: float = 0.99
+    warmup: bool = True  # decay min(decay, (1 + n) / (10 + n)) over the first updates
+
+    def validate(self) -> None:
+        if not 0 <= self.decay < 1:
+            raise ConfigError(f"ema.decay must be in [0, 1), got {self.decay}")
