@@ -1,46 +1,64 @@
-"""The `cinedit` command: dispatches `cinedit SUBSYSTEM ...` to each subsystem's own `cli.py`."""
+"""The `cinedit` command: dispatches `cinedit SUBSYSTEM COMMAND ...` to the modules that implement each command.
+
+This is the roof: it names modules of every layer. A command lives in the lowest layer that has what it needs,
+so `cinedit data cache` (it needs the tokenizer and the text encoders) is implemented in the generator layer and
+only grouped under `data` here. Modules are imported when their group runs, so `cinedit --help` stays fast.
+"""
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import importlib.util
 import sys
 
+from cinedit import __version__
+
+# subsystem -> (one-line help, description, modules that each register their subcommand(s) with `add_cli`)
+GROUPS = {
+    "data": (
+        "index, filter and build datasets (sample data included)",
+        "Build and curate video datasets.",
+        [
+            "cinedit.data.index",
+            "cinedit.data.filter",
+            "cinedit.data.sample",
+            "cinedit.generator.cache_cmd",
+            "cinedit.data.bench",
+        ],
+    ),
+    "tokenizer": (
+        "Video DC-AE: reconstruct, encode, decode, train",
+        "The Video DC-AE tokenizer.",
+        ["cinedit.tokenizer.train", "cinedit.tokenizer.commands"],
+    ),
+    "generator": (
+        "MMDiT: train, sample",
+        "The MMDiT video generator.",
+        ["cinedit.generator.train", "cinedit.generator.generate"],
+    ),
+}
 # subsystem -> (module with `main(argv) -> int`, one-line help)
-SUBSYSTEMS = {
-    "data": ("cinedit.data.cli", "index, filter and build datasets (sample data included)"),
-    "tokenizer": ("cinedit.tokenizer.cli", "Video DC-AE: reconstruct, encode, decode, train"),
-    "generator": ("cinedit.generator.cli", "MMDiT: train, sample"),
+MAINS = {
     "eval": ("cinedit.eval.cli", "reconstruction reports, VBench, benchmarks, parity"),
     "demo": ("cinedit.demo", "run the whole pipeline on the bundled sample data"),
 }
 
 
-def command_group(prog: str, description: str, modules: list[str]) -> argparse.ArgumentParser:
-    """The parser of `cinedit <subsystem>`: each module registers its subcommand(s) with `add_cli(subparsers)`
-    and sets `func` (args -> exit code)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in modules:
-        importlib.import_module(name).add_cli(sub)
-    return parser
+def group_main(name: str, argv: list[str] | None = None) -> int:
+    """`cinedit <name> ...` for a command group of `GROUPS`."""
+    from cinedit.runtime.cli import command_group, run_group  # here, not at the top: keeps `cinedit --help` fast
+
+    _, description, modules = GROUPS[name]
+    return run_group(command_group(f"cinedit {name}", description, modules), argv)
 
 
-def run_group(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse `argv` with a `command_group` parser and run the chosen subcommand."""
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
-def available() -> dict[str, tuple[str, str]]:
-    """The subsystems whose command module is installed (later subsystems land one by one)."""
-    return {k: v for k, v in SUBSYSTEMS.items() if importlib.util.find_spec(v[0]) is not None}
+def commands() -> dict[str, str]:
+    """Every subsystem with its one-line help, in the order `cinedit --help` lists them."""
+    return {**{k: v[0] for k, v in GROUPS.items()}, **{k: v[1] for k, v in MAINS.items()}}
 
 
 def usage() -> str:
     lines = ["usage: cinedit COMMAND [ARGS...]", "", "commands:"]
-    for name, (_, help_) in available().items():
+    for name, help_ in commands().items():
         lines.append(f"  {name:<10} {help_}")
     lines += ["", "`cinedit COMMAND --help` describes each command."]
     return "\n".join(lines)
@@ -52,16 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from cinedit import __version__
-
         print(f"cinedit {__version__}")
         return 0
-    cmds = available()
-    if argv[0] not in cmds:
-        print(f"cinedit: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
-        return 2
-    module = importlib.import_module(cmds[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    if argv[0] in GROUPS:
+        return group_main(argv[0], argv[1:])
+    if argv[0] in MAINS:
+        return int(importlib.import_module(MAINS[argv[0]][0]).main(argv[1:]) or 0)
+    print(f"cinedit: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

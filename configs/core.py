@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import json
 import os
+import sys
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -268,18 +270,6 @@ def validate(cfg: Any) -> None:
         check()
 
 
-def save_config(cfg: Any, run_dir: str | os.PathLike, name: str = CONFIG_FILE, preset: str | None = None) -> Path:
-    """Write the resolved config as JSON into `run_dir` (atomically) and return the path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"_type": f"{type(cfg).__module__}.{type(cfg).__qualname__}", "_preset": preset, **to_dict(cfg)}
-    path = run_dir / name
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def load_config(path: str | os.PathLike, cls: type[T] | None = None) -> T:
     """Read a saved config (a run directory or its config.json) back into its dataclass."""
     path = Path(path)
@@ -293,13 +283,36 @@ def load_config(path: str | os.PathLike, cls: type[T] | None = None) -> T:
     if cls is None:
         if type_name is None:
             raise ConfigError(f"{path} does not name its config type; pass the class to load it")
-        module, _, qual = type_name.rpartition(".")
-        import importlib
-
-        cls = getattr(importlib.import_module(module), qual)
+        cls = run_config_class(type_name, path)
     cfg = from_dict(cls, doc)
     validate(cfg)
     return cfg
+
+
+# Where run configs were defined before they moved to cinedit.configs: config.json files of older runs name these.
+LEGACY_TYPES = {
+    "cinedit.tokenizer.train.TokenizerTrainConfig": "cinedit.configs.tokenizer.TokenizerTrainConfig",
+    "cinedit.generator.train.GeneratorTrainConfig": "cinedit.configs.generator.GeneratorTrainConfig",
+}
+
+
+def run_config_class(type_name: str, where: Any = "config") -> type:
+    """The run-config class a saved config.json names (`_type`). Only `cinedit.configs` modules are imported for it
+    (a config file never makes cinedit import other code); a class of another module must already be loaded."""
+    type_name = LEGACY_TYPES.get(type_name, type_name)
+    module, _, qual = type_name.rpartition(".")
+    if not module.startswith("cinedit.configs") and module not in sys.modules:
+        raise ConfigError(
+            f"{where}: config type {type_name!r} is not a cinedit run config (cinedit.configs.*); import its module "
+            f"first, or pass the class to load_config"
+        )
+    try:
+        cls = getattr(importlib.import_module(module), qual)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"{where}: unknown config type {type_name!r}; was it written by a newer cinedit?") from None
+    if not dataclasses.is_dataclass(cls):
+        raise ConfigError(f"{where}: config type {type_name!r} is not a config dataclass")
+    return cls
 
 
 def describe(cfg: Any) -> str:
@@ -322,7 +335,7 @@ __all__ = [
     "from_dict",
     "load_config",
     "parse_overrides",
-    "save_config",
+    "run_config_class",
     "set_field",
     "to_dict",
     "validate",

@@ -1,25 +1,21 @@
-"""Named presets: functions returning config dataclasses, looked up by name or loaded from a run directory."""
+"""Named presets: functions returning config dataclasses, looked up by name or loaded from a run directory.
+
+Registered explicitly here, one table per trainer (no registration as a side effect of importing a trainer).
+"""
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cinedit.configs.core import CONFIG_FILE, ConfigError, apply_overrides, load_config, validate
+from cinedit.configs import generator, tokenizer
+from cinedit.configs.core import CONFIG_FILE, ConfigError, apply_overrides, describe, load_config, validate
 
-PRESETS: dict[str, dict[str, Callable[[], Any]]] = {}
-
-
-def preset(kind: str, name: str | None = None) -> Callable:
-    """Register a function returning a config as preset `name` (default: the function's name) of `kind`."""
-
-    def register(fn: Callable[[], Any]) -> Callable[[], Any]:
-        PRESETS.setdefault(kind, {})[name or fn.__name__] = fn
-        return fn
-
-    return register
+# trainer kind -> {preset name: function returning its run config}
+PRESETS: dict[str, dict[str, Callable[[], Any]]] = {"tokenizer": tokenizer.PRESETS, "generator": generator.PRESETS}
 
 
 def resolve(kind: str, name_or_path: str, overrides: list[str] | None = None) -> Any:
@@ -30,8 +26,6 @@ def resolve(kind: str, name_or_path: str, overrides: list[str] | None = None) ->
     else:
         table = PRESETS.get(kind, {})
         if name_or_path not in table:
-            import difflib
-
             close = difflib.get_close_matches(name_or_path, table, n=5, cutoff=0.4)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ConfigError(
@@ -60,8 +54,6 @@ def config_from_argv(kind: str, argv: list[str]) -> tuple[Any, str]:
         rest.remove("--help-config")
     cfg = resolve(kind, name, rest)
     if show:
-        from cinedit.configs.core import describe
-
         print(describe(cfg))
         raise SystemExit(0)
     return cfg, name

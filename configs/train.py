@@ -6,6 +6,20 @@ from dataclasses import dataclass
 
 from cinedit.configs.core import ConfigError
 
+# Fields a resumed run may change without becoming a different run (each trainer adds its own).
+RUN_CONTROL = (
+    "train.steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.overwrite",
+    "train.progress",
+    "data.num_workers",
+    "data.prefetch_factor",
+)
+
 
 @dataclass
 class LoopConfig:

@@ -6,14 +6,16 @@ On disk: ``shard-00000.safetensors, shard-00001.safetensors, ...`` holding tenso
     {"format": "cinedit-cache", "version": 1,
      "entries": {key: {"shard": "shard-00000.safetensors", "tensors": [name, ...], "meta": {...}}}}
 
-Every file is written to a temporary name and moved into place with `os.replace`, shard first and
-index after, so a crash never leaves an index that points at a missing or partial shard.
+Every file is written atomically (`cinedit.runtime.files`), shard first and index after, so a crash never
+leaves an index that points at a missing or partial shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cinedit.configs.data import BucketConfig
+from cinedit.data.buckets import Bucketer
+from cinedit.data.video import frame_stride as default_stride
+from cinedit.data.video import num_sampled_frames
+from cinedit.runtime.files import atomic_path, write_text
+
 INDEX_FILE = "index.json"
+EMPTY_TEXT_FILE = "empty_text.safetensors"  # the empty prompt's embeddings, beside a cache's shards
 FORMAT = "cinedit-cache"
 VERSION = 1
 
@@ -35,12 +44,6 @@ def _json_default(x: Any) -> Any:
     raise TypeError(
         f"cache meta values must be JSON-serialisable (str, int, float, list, dict), got {type(x).__name__}"
     )
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class CacheWriter:
@@ -102,7 +105,8 @@ class CacheWriter:
         if not self._pending:
             return
         name = f"shard-{self._next_shard:05d}.safetensors"
-        _write_atomic(self.dir / name, lambda tmp: save_file(self._buffer, str(tmp), metadata={"format": FORMAT}))
+        with atomic_path(self.dir / name) as tmp:
+            save_file(self._buffer, str(tmp), metadata={"format": FORMAT})
         for key, entry in self._pending.items():
             self.entries[key] = {"shard": name, **entry}
         self._next_shard += 1
@@ -112,7 +116,7 @@ class CacheWriter:
     def _write_index(self) -> None:
         index = {"format": FORMAT, "version": VERSION, "entries": self.entries}
         text = json.dumps(index, default=_json_default)
-        _write_atomic(self.dir / INDEX_FILE, lambda tmp: Path(tmp).write_text(text))
+        write_text(self.dir / INDEX_FILE, text)
 
     def close(self) -> None:
         """Write what is queued and the final index."""
@@ -198,3 +202,49 @@ class CacheReader:
     def __getstate__(self) -> dict:
         # Open shard handles do not pickle; DataLoader workers reopen them on first use.
         return {**self.__dict__, "_handles": {}}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what `cinedit data cache` writes around the shards, and what the generator trainer reads back
+
+
+def read_empty_text(cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, str] | None:
+    """(txt (l, d), vec (d), text-encoder identity) of the empty prompt stored with a cache, or None."""
+    path = Path(cache_dir) / EMPTY_TEXT_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("txt"), f.get_tensor("vec"), (f.metadata() or {}).get("text_encoder", "")
+
+
+def sample_key(path: str, shape: tuple[int, int, int]) -> str:
+    """`NAME-HASH-TxHxW`: stable across runs, different per source file and per shape."""
+    digest = hashlib.sha1(path.encode()).hexdigest()[:12]
+    return f"{Path(path).stem}-{digest}-{'x'.join(map(str, shape))}"
+
+
+def write_empty_text(cache_dir: str | Path, txt: torch.Tensor, vec: torch.Tensor, identity: str) -> Path:
+    """Store the empty prompt's (txt (l, d), vec (d)) with a cache, atomically (caption dropout needs them without
+    loading the text encoder)."""
+    path = Path(cache_dir) / EMPTY_TEXT_FILE
+    tensors = {"txt": txt.contiguous().cpu(), "vec": vec.contiguous().cpu()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"text_encoder": identity})
+    return path
+
+
+def plan_shapes(meta: Any, buckets: BucketConfig | None, size: tuple[int, int] | None, num_frames: int, stride: int):
+    """(T, H, W) per row (None: no bucket fits): bucket shapes (keep_prob taken as 1) or the fixed size."""
+    if buckets is not None:
+        always = replace(buckets, table={r: {t: (1.0, b) for t, (_, b) in f.items()} for r, f in buckets.table.items()})
+        bucketer = Bucketer(always, stride)
+        codes = bucketer.assign_meta(meta)
+        return [bucketer.buckets[c].shape if c >= 0 else None for c in codes]
+    shapes = []
+    for n, fps in zip(meta["num_frames"], meta["fps"]):
+        if int(n) <= 1:
+            shapes.append((1, *size))
+        else:
+            s = stride or default_stride(float(fps))
+            shapes.append((num_frames, *size) if num_sampled_frames(int(n), s) >= num_frames else None)
+    return shapes

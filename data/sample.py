@@ -17,8 +17,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from cinedit.data.index import build_index
+from cinedit.data.meta import write_meta
 from cinedit.data.video import ClipReader, fill_size, write_video
+from cinedit.runtime.dist import barrier, world_rank
+from cinedit.runtime.training import SAMPLE_DATA
 
 MAX_SIDE = 640
 
@@ -167,13 +172,21 @@ def _even(x: int) -> int:
     return x - x % 2
 
 
+def run_meta(meta: str, out_dir: str | Path, progress: bool = True) -> Path:
+    """The meta file a training run reads: `meta` (its `data.meta`), or, when empty, the sample dataset built once
+    into `<out_dir>/sample_data` by the main rank (every rank waits for it)."""
+    if meta:
+        return Path(meta)
+    root = Path(out_dir) / SAMPLE_DATA
+    path = root / "meta.csv"
+    if world_rank()[1] == 0 and not path.is_file():
+        build_sample_data(root, overwrite=True, progress=progress)
+    barrier()
+    return path
+
+
 def build_sample_data(out: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
     """Write the sample clips and photographs with caption sidecars into `out` and index them to `out/meta.csv`."""
-    from tqdm import tqdm
-
-    from cinedit.data.index import build_index
-    from cinedit.data.meta import write_meta
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:

@@ -38,24 +38,6 @@ class SampleItem(NamedTuple):
     seed: int  # per (seed, epoch, index): the random temporal crop, reproducible on resume
 
 
-def dp_rank_size(rank: int, world_size: int, cp_size: int = 1) -> tuple[int, int]:
-    """(dp_rank, dp_size) of a global rank; context-parallel groups are contiguous ranks sharing samples."""
-    if cp_size < 1 or world_size % cp_size:
-        raise ValueError(f"world size {world_size} is not a multiple of the context-parallel size {cp_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} out of range for world size {world_size}")
-    return rank // cp_size, world_size // cp_size
-
-
-def dist_dp_rank_size(cp_size: int = 1) -> tuple[int, int]:
-    """`dp_rank_size` of this process, read from torch.distributed when initialised, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dp_rank_size(dist.get_rank(), dist.get_world_size(), cp_size)
-    return 0, 1
-
-
 @dataclass
 class _Plan:
     flat: np.ndarray  # sample indices, batch after batch (in bucket order)

@@ -21,6 +21,13 @@ from typing import Any
 import psutil
 import torch
 
+from cinedit.generator.math import make_ids, make_txt_ids
+from cinedit.generator.model import PRESETS as MMDIT_PRESETS
+from cinedit.generator.model import MMDiT, MMDiTConfig
+from cinedit.runtime.dist import resolve_device
+from cinedit.tokenizer.model import PRESETS as DCAE_PRESETS
+from cinedit.tokenizer.model import VideoDCAE
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched as substrings of torch.cuda.get_device_name in this
@@ -79,13 +86,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def resolve_device(device: str) -> torch.device:
-    """ "auto" is cuda when available, else cpu; anything else is taken as a torch device name."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
 def _device_name(dev: torch.device) -> str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()})"
 
@@ -129,11 +129,10 @@ def _isolated(fn: Callable[..., dict], args: tuple, dev: torch.device) -> dict:
 
 def _phase(preset: str, phase: str, shape: list[int], device: str, dtype: str, repeats: int) -> dict:
     """Build the model and an input, measure the first call's peak memory, then time `repeats` calls."""
-    from cinedit.tokenizer.model import PRESETS, VideoDCAE
 
     dev, dt = torch.device(device), DTYPES[dtype]
     torch.manual_seed(0)
-    model = VideoDCAE(PRESETS[preset]()).to(dev, dt).eval()
+    model = VideoDCAE(DCAE_PRESETS[preset]()).to(dev, dt).eval()
     b, _, t, h, w = shape
     if phase == "encode":
         inp = torch.rand(shape, device=dev, dtype=dt) * 2 - 1
@@ -163,11 +162,10 @@ def bench_tokenizer(
 
     On CPU every phase runs in a fresh process (see the module docstring).
     """
-    from cinedit.tokenizer.model import PRESETS, VideoDCAE
 
     dev = resolve_device(device)
     with torch.device("meta"):
-        params = sum(p.numel() for p in VideoDCAE(PRESETS[preset]()).parameters())
+        params = sum(p.numel() for p in VideoDCAE(DCAE_PRESETS[preset]()).parameters())
     shape = [batch, 3, num_frames, size, size]
     result: dict = {"benchmark": "tokenizer", "preset": preset, "params_m": round(params / 1e6, 1), "shape": shape}
     result.update(_run_info(dev, dtype, repeats))
@@ -186,7 +184,6 @@ def mid_config():
     release's [16, 56, 56] halved with the head dim); DC-AE c128 tokens (patch 1), T5-XXL text (4096) and CLIP-L
     pooled (768) inputs as in the release, so the embedders have their real widths.
     """
-    from cinedit.generator.model import MMDiTConfig
 
     return MMDiTConfig(
         in_channels=128,
@@ -201,9 +198,8 @@ def mid_config():
 
 def generator_presets() -> dict[str, Callable]:
     """The generator's PRESETS plus the benchmark-only "mid" (`mid_config`)."""
-    from cinedit.generator.model import PRESETS
 
-    return {**PRESETS, "mid": mid_config}
+    return {**MMDIT_PRESETS, "mid": mid_config}
 
 
 def mmdit_flops(cfg, num_img_tokens: int, txt_len: int, batch: int = 1) -> dict[str, int]:
@@ -305,9 +301,6 @@ def _train_phase(
 ) -> dict:
     """Time training steps (zero grads, forward, MSE loss on a random target, backward; no optimizer step)."""
     import torch.nn.functional as F
-
-    from cinedit.generator.math import make_ids, make_txt_ids
-    from cinedit.generator.model import MMDiT
 
     dev, dt = torch.device(device), DTYPES[dtype]
     torch.manual_seed(0)

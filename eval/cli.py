@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cinedit.eval import recon, vbench
+from cinedit.eval import bench, recon, vbench
+from cinedit.eval.parity import FixtureError, check_fixture
 
 
 def _parity(args: argparse.Namespace) -> int:
     import torch
-
-    from cinedit.eval.parity import FixtureError, check_fixture
 
     torch.manual_seed(0)
     failed = 0
@@ -36,7 +35,6 @@ def _parity(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_bench(args: argparse.Namespace, preset: str) -> dict:
-    from cinedit.eval import bench
 
     res = bench.bench_tokenizer(
         preset, args.frames or 8, args.size or 128, args.batch, args.repeats, args.device, args.dtype
@@ -52,7 +50,6 @@ def _tokenizer_bench(args: argparse.Namespace, preset: str) -> dict:
 
 def _generator_bench(args: argparse.Namespace, preset: str, with_flux: bool, grid_from_clip: bool) -> dict:
     """Raises ValueError on a bad preset or shape."""
-    from cinedit.eval import bench
 
     grid = None
     if grid_from_clip and (args.frames is not None or args.size is not None):
@@ -105,8 +102,6 @@ def _bench_args_error(args: argparse.Namespace) -> str:
 def _bench(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
-
-    from cinedit.eval import bench
 
     error = _bench_args_error(args)
     out = Path(args.out) if args.out else None

@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from cinedit.generator.model import MMDiT
+from cinedit.generator.model import config_from_reference as mmdit_config
+from cinedit.tokenizer.model import VideoDCAE, config_from_reference
+
 # Suggested by the fixtures' README for an fp32 CPU re-implementation: variant -> (atol, rtol).
 DCAE_TOLERANCES = {"refinit": (1e-5, 0.0), "randw": (1e-4, 1e-4)}
 DEFAULT_TOLERANCE = (1e-4, 1e-4)
@@ -83,7 +87,6 @@ def _weights(meta: dict, tensors: dict[str, torch.Tensor], folder: Path) -> dict
 
 def check_dcae(meta: dict, tensors: dict[str, torch.Tensor], folder: Path, tol: tuple[float, float] | None):
     """Video DC-AE: encode(input) -> latent, decode(latent) -> reconstruction, and per-module intermediates."""
-    from cinedit.tokenizer.model import VideoDCAE, config_from_reference
 
     ref_cfg = meta.get("constructor", {}).get("resolved_config")
     if ref_cfg is None:
@@ -118,13 +121,8 @@ def check_schema(meta: dict, tensors: dict[str, torch.Tensor], folder: Path, tol
     text = meta.get("component", "").lower()
     with torch.device("meta"):
         if "dc-ae" in text:
-            from cinedit.tokenizer.model import VideoDCAE, config_from_reference
-
             model = VideoDCAE(config_from_reference(meta["resolved_config"]))
         elif "mmdit" in text:
-            from cinedit.generator.model import MMDiT
-            from cinedit.generator.model import config_from_reference as mmdit_config
-
             model = MMDiT(mmdit_config(meta["config"]))
         else:
             raise FixtureError(f"schema of an unknown component {meta.get('component')!r}")

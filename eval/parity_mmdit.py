@@ -11,6 +11,8 @@ import torch
 from einops import repeat
 
 from cinedit.eval.parity import Comparison, FixtureError, ParityReport, _weights
+from cinedit.generator.math import unpack
+from cinedit.generator.model import MMDiT, config_from_reference
 
 # Suggested by the fixtures' README for an fp32 CPU re-implementation (eager timestep embedding).
 MMDIT_TOLERANCE = (2e-5, 0.0)
@@ -34,8 +36,6 @@ def check_mmdit(
     meta: dict, tensors: dict[str, torch.Tensor], folder: Path, tol: tuple[float, float] | None
 ) -> ParityReport:
     """MMDiT forward: `output`, `output_unpacked` and the `intermediate.*` module outputs."""
-    from cinedit.generator.math import unpack
-    from cinedit.generator.model import MMDiT, config_from_reference
 
     ref = dict(meta.get("config") or {})
     if not ref:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from cinedit.configs.generator import SamplerConfig
 from cinedit.eval.parity import FixtureError, ParityReport, _weights
+from cinedit.generator.conditions import i2v_condition, reference_latent
 from cinedit.generator.flow import (
     SIGMA_MIN,
     get_schedule,
@@ -25,7 +27,9 @@ from cinedit.generator.flow import (
     token_count,
     velocity_target,
 )
-from cinedit.generator.sampler import SamplerConfig, euler_step, guidance_scales
+from cinedit.generator.math import pack, unpack
+from cinedit.generator.model import MMDiT, config_from_reference
+from cinedit.generator.sampler import denoise, euler_step, guidance_scales
 
 TABLE_ATOL = 1e-6  # the fixtures' README: tables to 1e-6, guidance scales exact
 # Per-step model outputs get the MMDiT tolerance. The state integrates the guided combination of three of them:
@@ -145,10 +149,6 @@ def check_sampling_i2v(
 ) -> ParityReport:
     """A full I2V sampling loop on the fixture's tiny MMDiT: schedule, condition, per-step model outputs,
     trajectory and output."""
-    from cinedit.generator.conditions import i2v_condition, reference_latent
-    from cinedit.generator.math import pack, unpack
-    from cinedit.generator.model import MMDiT, config_from_reference
-    from cinedit.generator.sampler import denoise
 
     needed = ("z", "img", "img_ids", "txt", "txt_ids", "y_vec", "output")
     missing = [name for name in needed if name not in tensors]

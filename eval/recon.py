@@ -27,12 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cinedit.data.sample import build_sample_data
 from cinedit.data.video import MediaError, to_uint8
 from cinedit.eval import figures
-from cinedit.eval.bench import resolve_device
-from cinedit.eval.lpips import LPIPS, LPIPSConfig, LPIPSUnavailable, build_lpips, lpips
-from cinedit.eval.metrics import SSIM_RADIUS, psnr, ssim
+from cinedit.runtime.dist import resolve_device
 from cinedit.tokenizer.commands import InputError, find_inputs, load_tokenizer, read_clip, reconstruct
+from cinedit.tokenizer.lpips import LPIPS, LPIPSConfig, LPIPSUnavailable, build_lpips, lpips
+from cinedit.tokenizer.metrics import SSIM_RADIUS, psnr, ssim
 from cinedit.tokenizer.model import VideoDCAE
 from cinedit.tokenizer.tiling import TilingConfig
 
@@ -207,7 +208,6 @@ def _fail(msg: object, code: int = 2) -> int:
 def _inputs(args: argparse.Namespace) -> list[Path]:
     if args.input != "sample":
         return find_inputs(args.input)[0]
-    from cinedit.data.sample import build_sample_data
 
     root = Path(args.sample_dir)
     meta = root / "meta.csv"

@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cinedit.data.video import ClipReader, probe
+from cinedit.eval import figures
 from cinedit.eval.vbench_constants import (
     DIM_WEIGHT,
     NORMALIZE,
@@ -38,6 +40,10 @@ from cinedit.eval.vbench_constants import (
     SEMANTIC_WEIGHT,
     STANDARD_PROMPTS,
 )
+from cinedit.generator.generate import DTYPES, InputError, generate, latent_shape, output_size, spatial_multiple
+from cinedit.generator.pipeline import load_pipeline
+from cinedit.runtime.dist import resolve_device
+from cinedit.tokenizer.commands import write_frames
 
 DIMENSIONS: tuple[str, ...] = QUALITY + SEMANTIC
 IN_PROCESS = ("temporal_flickering",)  # the dimensions that need no learned weights
@@ -149,8 +155,6 @@ def flicker_score(path: str | os.PathLike) -> float:
     """VBench's temporal-flickering score of one video: (255 - mean |frame[t+1] - frame[t]|) / 255."""
     import numpy as np
 
-    from cinedit.data.video import ClipReader, probe
-
     info = probe(path, count_frames=True)
     if info.is_image or info.num_frames < 2:
         raise VBenchError(f"{path}: temporal flickering needs a video of at least 2 frames")
@@ -247,11 +251,6 @@ def videos_for(videos_dir: Path, dimension: str, full_info: Path | None) -> list
 def run_generate(args: argparse.Namespace) -> int:
     """The `generate` subcommand; returns the exit code."""
     from tqdm import tqdm
-
-    from cinedit.eval.bench import resolve_device
-    from cinedit.generator.generate import DTYPES, InputError, generate, latent_shape, output_size, spatial_multiple
-    from cinedit.generator.pipeline import load_pipeline
-    from cinedit.tokenizer.commands import write_frames
 
     try:
         if bool(args.prompts) == bool(args.vbench_dir):
@@ -458,7 +457,6 @@ def markdown(agg: dict, sources: list[str]) -> str:
 
 def chart(agg: dict):
     """Bar chart: Total, Quality, Semantic, then each dimension's normalised score (missing ones marked)."""
-    from cinedit.eval import figures
 
     dark, q_col, s_col = (40, 40, 40), (66, 133, 244), (244, 160, 0)
 
@@ -475,7 +473,6 @@ def chart(agg: dict):
 
 def run_report(args: argparse.Namespace) -> int:
     """The `report` subcommand; returns the exit code."""
-    from cinedit.eval import figures
 
     out = Path(args.out)
     existing = [out / n for n in REPORT_FILES if (out / n).exists()]

@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# The condition types and the release's T/I2V training mix (weights, not probabilities) are config values.
+from cinedit.configs.generator import COND_TYPES, STAGE1_I2V_WEIGHTS
 from cinedit.generator.math import pack
-
-COND_TYPES = ("t2v", "i2v_head", "i2v_tail", "i2v_loop", "inpaint")
-
-# Stage-1 T/I2V training mix (weights, not probabilities).
-STAGE1_I2V_WEIGHTS = {"t2v": 1.0, "i2v_head": 5.0, "i2v_tail": 1.0, "i2v_loop": 1.0}
 
 
 @dataclass

@@ -14,8 +14,9 @@ import math
 
 import torch
 
+from cinedit.configs.generator import CAPTION_DROPOUT
+
 SIGMA_MIN = 1e-5
-CAPTION_DROPOUT = 0.316
 
 
 def res_lin(num_tokens: float, x1: float = 256, y1: float = 1.0, x2: float = 4096, y2: float = 3.0) -> float:

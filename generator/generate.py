@@ -32,11 +32,13 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cinedit.configs.generator import SamplerConfig
 from cinedit.data.buckets import ASPECT_RATIOS, aspect_sizes
 from cinedit.data.video import MediaError, is_image, read_image, read_video
 from cinedit.generator.conditions import Condition, build_condition, i2v_condition, reference_latent
 from cinedit.generator.pipeline import Pipeline, load_pipeline
-from cinedit.generator.sampler import SamplerConfig, sample
+from cinedit.generator.sampler import sample
+from cinedit.runtime.dist import resolve_device
 from cinedit.tokenizer import tiling
 from cinedit.tokenizer.commands import write_frames
 
@@ -279,12 +281,6 @@ def _fail(msg: object) -> int:
     return 2
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _check_args(args: argparse.Namespace) -> list[str]:
     """Errors found without loading anything; returns the prompts."""
     if not (args.ckpt or (args.generator and args.tokenizer)):
@@ -329,7 +325,7 @@ def run_sample(args: argparse.Namespace) -> int:
         if not todo:
             print(f"all {len(outputs)} output(s) exist in {out_dir}; nothing to do")
             return 0
-        device = _resolve_device(args.device)
+        device = resolve_device(args.device)
         pipe = load_pipeline(args.ckpt, args.generator, args.tokenizer, args.text_encoder, device=device)
         dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         pipe.generator.to(DTYPES[dtype])

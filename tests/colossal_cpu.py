@@ -40,7 +40,7 @@ def patch_colossalai_for_cpu() -> None:
     global _PATCHED
     if _PATCHED:
         return
-    from cinedit.parallel import import_colossalai
+    from cinedit.runtime.booster import import_colossalai
 
     import_colossalai()  # the library's quiet import first: the modules below are then already loaded
     from colossalai.accelerator.cpu_accelerator import CpuAccelerator

@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def _entry(rank: int, fn: Callable, world_size: int, init_file: str, out_dir: str, port: int, args: tuple) -> None:
-    # torchrun's variables, so library code that reads them (runtime.init_distributed, ColossalAI) agrees.
+    # torchrun's variables, so library code that reads them (init_distributed, ColossalAI) agrees.
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cinedit.cli import available, main
+from cinedit.cli import commands, main
 
 BIN = Path(sys.executable).parent
 
@@ -27,6 +27,8 @@ def test_namespace_layout():
         ("tokenizer", "tokenizer"),
         ("generator", "generator"),
         ("eval", "eval"),
+        ("runtime", "runtime"),
+        ("demo", "demo"),
     ]:
         mod = importlib.import_module(f"cinedit.{name}")
         assert Path(mod.__file__).parent.name == folder
@@ -49,7 +51,7 @@ def test_data_subcommand_help(cmd, capsys):
 
 
 def test_every_available_command_has_help():
-    for name in available():
+    for name in commands():
         res = run(name, "--help")
         assert res.returncode == 0, (name, res.stderr[-2000:])
 

@@ -9,18 +9,18 @@ from typing import Literal
 import pytest
 
 from cinedit.configs import (
+    PRESETS,
     BucketConfig,
     ConfigError,
     DataConfig,
     apply_overrides,
     describe,
     load_config,
-    preset,
     resolve,
-    save_config,
     stage1_buckets,
     to_dict,
 )
+from cinedit.runtime.files import save_config
 
 
 @dataclass
@@ -41,9 +41,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-@preset("test", "test_run")
 def tiny_run() -> RunConfig:
     return RunConfig(name="tiny")
+
+
+PRESETS["test"] = {"test_run": tiny_run}  # a preset table of this test's own kind, registered explicitly
 
 
 def test_overrides_convert_types():

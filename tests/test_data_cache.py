@@ -10,13 +10,16 @@ import pytest
 import torch
 from test_generator_train import make_media
 
-from cinedit import runtime
-from cinedit.data import cache_cmd
+from cinedit.data import cache as data_cache
+from cinedit.data.buckets import mix_seed
 from cinedit.data.cache import CacheReader
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta, write_meta
+from cinedit.generator import cache_cmd
 from cinedit.generator import train as train_mod
 from cinedit.generator.text import load_text_encoder
+from cinedit.runtime.logs import read_metrics
+from cinedit.tokenizer.loading import load_tokenizer, tokenizer_hash
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +42,23 @@ def test_cache_round_trips_and_resumes(meta, tmp_path, capsys):
     reader = CacheReader(out)
     assert len(reader) == 8
     rows = read_meta(meta)
-    tok = cache_cmd.load_tokenizer("debug")
+    tok = load_tokenizer("debug")
     encoder = load_text_encoder("debug")
     for key in reader.keys():
         m = reader.meta(key)
         t = reader.get(key)
-        assert m["scaled"] is True and m["scaling_factor"] is None and m["tokenizer"] == cache_cmd.tokenizer_hash(tok)
+        assert m["scaled"] is True and m["scaling_factor"] is None and m["tokenizer"] == tokenizer_hash(tok)
         assert (m["height"], m["width"]) == (64, 64) and m["num_frames"] in (1, 8)
         assert t["latent"].shape == (16, 1 if m["num_frames"] == 1 else 2, 2, 2)
         assert t["txt"].shape == (32, 384) and t["vec"].shape == (384,)
-        assert key == cache_cmd.sample_key(m["path"], (m["num_frames"], 64, 64))
+        assert key == data_cache.sample_key(m["path"], (m["num_frames"], 64, 64))
         # The latent is the tokenizer's scaled latent of the clip the training loader reads.
         i = rows.index[rows["path"] == m["path"]][0]
-        clip = VideoDataset(rows)[(i, m["num_frames"], 64, 64, cache_cmd.mix_seed(42, i))]["video"]
+        clip = VideoDataset(rows)[(i, m["num_frames"], 64, 64, mix_seed(42, i))]["video"]
         with torch.no_grad():
             assert torch.allclose(tok.encode_latents(clip[None])[0], t["latent"], atol=1e-5)
         assert torch.allclose(encoder.encode([m["text"]]).txt[0], t["txt"], atol=1e-5)
-    empty_txt, empty_vec, identity = cache_cmd.read_empty_text(out)
+    empty_txt, empty_vec, identity = data_cache.read_empty_text(out)
     assert empty_txt.shape == (32, 384) and identity == encoder.identity == m["text_encoder"]
 
     # A second run keeps everything; a different text encoder is refused; --overwrite starts again.
@@ -100,7 +103,7 @@ def test_training_from_the_cache(meta, tmp_path, capsys):
         "--train.progress=false",
     ]
     assert train_mod.main(argv) == 0
-    rows = runtime.read_metrics(out)
+    rows = read_metrics(out)
     assert sorted(r["step"] for r in rows if "loss" in r) == [1, 2, 3]
     assert sorted(r["step"] for r in rows if "eval/loss" in r) == [0, 3]
     assert (out / "model" / "pipeline.json").is_file()

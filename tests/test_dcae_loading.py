@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from cinedit.modelio import adapt_state_dict, read_state_dict
+from cinedit.runtime.modelio import adapt_state_dict, read_state_dict
 from cinedit.tokenizer.loading import init_from_image_dcae, load_pretrained, save_pretrained
 from cinedit.tokenizer.model import PRESETS, VideoDCAE
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from cinedit.cli import main
-from cinedit.demo import STAGES, Plan, every
+from cinedit.demo.plan import STAGES, Plan, every
 
 # The smallest --minutes: every stage runs 2-5 steps, so the test measures the plumbing, not the learning.
 TINY = ["--minutes", "0.05", "--device", "cpu"]

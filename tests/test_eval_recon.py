@@ -17,9 +17,9 @@ from cinedit.cli import main
 from cinedit.data.meta import read_meta, write_meta
 from cinedit.data.video import probe, to_uint8
 from cinedit.eval import lpips, psnr, recon, ssim
-from cinedit.eval.lpips import LPIPS, alexnet_features
 from cinedit.tokenizer import PRESETS, VideoDCAE, save_pretrained
 from cinedit.tokenizer.commands import find_inputs, load_tokenizer, read_clip, reconstruct
+from cinedit.tokenizer.lpips import LPIPS, alexnet_features
 from cinedit.tokenizer.tiling import TilingConfig
 
 CLIPS = ("videos/bunny_wakes.mp4", "videos/door_panel.mp4", "images/horse.png")

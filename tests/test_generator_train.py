@@ -10,15 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cinedit import runtime
+from cinedit.cli import group_main
 from cinedit.configs import PRESETS, load_config
+from cinedit.configs.generator import STAGE1_I2V_WEIGHTS, FlowConfig, GeneratorModelConfig
 from cinedit.data.index import build_index
 from cinedit.data.meta import write_meta
 from cinedit.data.video import write_video
-from cinedit.generator import cli as generator_cli
 from cinedit.generator import train as train_mod
-from cinedit.generator.conditions import STAGE1_I2V_WEIGHTS
 from cinedit.generator.pipeline import load_pipeline
+from cinedit.runtime.checkpoint import latest_checkpoint
+from cinedit.runtime.logs import read_metrics
 
 
 def make_media(root: Path, clips: int = 6, images: int = 4) -> Path:
@@ -59,7 +60,7 @@ def args(meta: Path, out: Path, *extra: str) -> list[str]:
 
 
 def scalars(out: Path, key: str = "loss") -> dict[int, float]:
-    return {r["step"]: r[key] for r in runtime.read_metrics(out) if key in r}
+    return {r["step"]: r[key] for r in read_metrics(out) if key in r}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -80,24 +81,24 @@ def test_stage_presets_follow_the_design():
     assert (s3.model.grad_ckpt_double, s3.model.grad_ckpt_single) == (-1, -1)
     assert (s1.parallel.cp_size, s3.parallel.cp_size, s3.parallel.cp_mode) == (1, 4, "ring")
     assert s1.parallel.zero_stage == 2 and s1.parallel.precision == "bf16" and s1.parallel.reduce_bucket_mb == 128
-    weights = train_mod.FlowConfig(conditions={"t2v": 1.0, "i2v_head": 3.0}, inpaint_share=0.2).mix().weights
+    weights = FlowConfig(conditions={"t2v": 1.0, "i2v_head": 3.0}, inpaint_share=0.2).weights()
     assert weights == pytest.approx({"t2v": 0.2, "i2v_head": 0.6, "inpaint": 0.2})
 
 
 def test_widths_are_derived_from_tokenizer_and_text_encoder():
-    cfg = train_mod.model_config(train_mod.ModelConfig(preset="2b"), 128, 4096, 768)
+    cfg = train_mod.model_config(GeneratorModelConfig(preset="2b"), 128, 4096, 768)
     assert (cfg.in_channels, cfg.patch_size, cfg.context_in_dim, cfg.vec_in_dim) == (128, 1, 4096, 768)
-    cfg = train_mod.model_config(train_mod.ModelConfig(preset="debug", patch_size=2), 16, 384, 384)
+    cfg = train_mod.model_config(GeneratorModelConfig(preset="debug", patch_size=2), 16, 384, 384)
     assert (cfg.in_channels, cfg.patch_size) == (64, 2)
     with pytest.raises(train_mod.ConfigError, match="leave it at 0"):
-        train_mod.model_config(train_mod.ModelConfig(preset="debug", in_channels=32), 16, 384, 384)
+        train_mod.model_config(GeneratorModelConfig(preset="debug", in_channels=32), 16, 384, 384)
     with pytest.raises(train_mod.ConfigError, match="context_in_dim"):
-        train_mod.model_config(train_mod.ModelConfig(preset="debug", context_in_dim=48), 16, 384, 384)
+        train_mod.model_config(GeneratorModelConfig(preset="debug", context_in_dim=48), 16, 384, 384)
 
 
 def test_help_and_bad_overrides_fail_clearly(meta, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        generator_cli.main(["train", "--help"])
+        group_main("generator", ["train", "--help"])
     assert e.value.code == 0 and "stage1_256px_t2v" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         train_mod.main(args(meta, tmp_path / "run", "--help-config"))
@@ -128,9 +129,9 @@ def test_debug_run_writes_metrics_checkpoints_and_pipeline(meta, tmp_path, capsy
     assert train_mod.main(args(meta, out, *extra)) == 0
     assert sorted(scalars(out)) == [1, 2, 3, 4]
     assert sorted(scalars(out, "eval/loss")) == [0, 2, 4]
-    row = runtime.read_metrics(out)[-2]
+    row = read_metrics(out)[-2]
     assert {"grad_norm", "lr", "tokens_per_s", "given_share"} <= set(row)
-    assert runtime.latest_checkpoint(out) == out / "ckpt" / "step-000004"
+    assert latest_checkpoint(out) == out / "ckpt" / "step-000004"
     ckpt = out / "ckpt" / "step-000002"
     assert (ckpt / "ema.safetensors").is_file() and (ckpt / "model" / "optimizer-00000-of-00001.pt").is_file()
     assert json.loads((ckpt / "state.json").read_text())["loader"]["consumed"] == 2

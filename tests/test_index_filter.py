@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import av
@@ -15,13 +16,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cinedit.data.cli import main
+from cinedit.cli import group_main
 from cinedit.data.filter import filter_meta, frame_scores
 from cinedit.data.index import build_index
 from cinedit.data.meta import COLUMNS, read_meta
 from cinedit.data.video import write_video
 
 TEXTURE = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+
+main = partial(group_main, "data")
 
 
 def moving(t: int = 16, h: int = 64, w: int = 64, step: int = 3) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cinedit.eval.lpips import (
+from cinedit.tokenizer.lpips import (
     LPIPS,
     NETS,
     LPIPSConfig,

@@ -10,7 +10,7 @@ import torch
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from cinedit.eval.metrics import psnr, ssim
+from cinedit.tokenizer.metrics import psnr, ssim
 
 
 def real_video() -> torch.Tensor:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from cinedit.cli import group_main
 from cinedit.configs import DataConfig
-from cinedit.data.cli import main as data_main
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import COLUMNS, read_meta
 from cinedit.data.sample import CLIPS, PHOTOS, build_sample_data
 from cinedit.data.sampler import build_dataloader, build_sampler
 from cinedit.data.video import read_video
+
+data_main = partial(group_main, "data")
 
 
 def test_sample_data_is_indexed(sample_data):

@@ -13,9 +13,8 @@ from cinedit.data.sampler import (
     SampleItem,
     build_dataloader,
     build_sampler,
-    dist_dp_rank_size,
-    dp_rank_size,
 )
+from cinedit.runtime.layout import dist_dp_rank_size, dp_rank_size
 
 BUCKETS = BucketConfig(
     table={

@@ -14,8 +14,10 @@ import torch
 from colossal_cpu import patch_colossalai_for_cpu
 from distributed import run_workers
 
-from cinedit import runtime
 from cinedit.generator import train as train_mod
+from cinedit.runtime import checkpoint
+from cinedit.runtime.checkpoint import LATEST, latest_checkpoint
+from cinedit.runtime.logs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 # One bucket shape (64px, 8 frames, 2 per rank) keeps a step cheap and every rank's batch the same shape.
@@ -36,7 +38,7 @@ def argv(meta: Path, out: Path, *extra: str) -> list[str]:
 
 
 def losses(out: Path, key: str = "loss") -> dict[int, float]:
-    return {r["step"]: r[key] for r in runtime.read_metrics(out) if key in r}
+    return {r["step"]: r[key] for r in read_metrics(out) if key in r}
 
 
 def train_worker(rank: int, world: int, args: list[str], zero: bool, die_at: int = 0, crash_save: int = 0) -> int:
@@ -54,7 +56,7 @@ def train_worker(rank: int, world: int, args: list[str], zero: bool, die_at: int
 
         train_mod.train_step = dies
     if crash_save:
-        real_rng_state, calls = runtime.rng_state, []
+        real_rng_state, calls = checkpoint.rng_state, []
 
         def crashes():
             # Every rank saves its RNG state in the checkpoint writer, after the collective tensor writes.
@@ -63,7 +65,7 @@ def train_worker(rank: int, world: int, args: list[str], zero: bool, die_at: int
                 raise OSError("disk full")
             return real_rng_state()
 
-        runtime.rng_state = crashes
+        checkpoint.rng_state = crashes  # where the checkpoint writer looks it up
     try:
         return train_mod.main(args)
     except (KeyboardInterrupt, OSError) as e:
@@ -133,7 +135,7 @@ def test_zero2_kill_and_resume_is_exact_and_survives_a_crashed_save(meta, tmp_pa
 
     out = run_workers(train_worker, 2, argv(meta, killed, *common, "--train.ckpt_every=3"), True, 5)
     assert all(str(r).startswith("interrupted") for r in out)
-    ckpt = runtime.latest_checkpoint(killed)
+    ckpt = latest_checkpoint(killed)
     assert ckpt is not None and ckpt.name == "step-000003"
     names = {p.name for p in (ckpt / "model").iterdir()}
     # Sharded: every rank wrote its share of the weights, optimizer states and fp32 masters.
@@ -150,7 +152,7 @@ def test_zero2_kill_and_resume_is_exact_and_survives_a_crashed_save(meta, tmp_pa
     crashed = tmp_path / "crashed"
     out = run_workers(train_worker, 2, argv(meta, crashed, *common, "--train.ckpt_every=3"), True, 0, 2)
     assert any("disk full" in str(r) for r in out)
-    assert runtime.latest_checkpoint(crashed).name == "step-000003"
+    assert latest_checkpoint(crashed).name == "step-000003"
     assert not (crashed / "ckpt" / "step-000006").exists()
     assert run_workers(train_worker, 2, argv(meta, crashed, *common, "--train.resume=auto"), True) == [0, 0]
     assert losses(crashed)[6] == losses(full)[6]
@@ -159,13 +161,13 @@ def test_zero2_kill_and_resume_is_exact_and_survives_a_crashed_save(meta, tmp_pa
     one = tmp_path / "one"
     one.mkdir()
     subprocess.run(["cp", "-r", str(killed / "ckpt"), str(one / "ckpt")], check=True)
-    (one / "ckpt" / runtime.LATEST).write_text("step-000003\n")
+    (one / "ckpt" / LATEST).write_text("step-000003\n")
     config = json.loads((killed / "config.json").read_text())
     config["train"]["out_dir"] = str(one)
     (one / "config.json").write_text(json.dumps(config))
     assert run_workers(train_worker, 1, argv(meta, one, *common, "--train.resume=auto"), True) == [0]
     assert sorted(losses(one)) == [4, 5, 6]
-    state = json.loads((runtime.latest_checkpoint(one) / "state.json").read_text())
+    state = json.loads((latest_checkpoint(one) / "state.json").read_text())
     assert state["step"] == 6 and state["world_size"] == 1
 
 

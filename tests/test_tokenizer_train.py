@@ -10,13 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cinedit import runtime
-from cinedit.configs import load_config
+from cinedit.configs import ParallelConfig, load_config
 from cinedit.data.index import build_index
 from cinedit.data.meta import write_meta
 from cinedit.data.video import write_video
-from cinedit.eval.lpips import LPIPSConfig, LPIPSUnavailable, vgg16_features
-from cinedit.parallel import ParallelConfig
+from cinedit.runtime.checkpoint import checkpoint_dir, latest_checkpoint, save_checkpoint
+from cinedit.runtime.dist import DistInfo, init_distributed
+from cinedit.runtime.logs import read_metrics
+from cinedit.runtime.training import EMA
 from cinedit.tokenizer import load_pretrained
 from cinedit.tokenizer import train as train_mod
 from cinedit.tokenizer.losses import (
@@ -27,6 +28,7 @@ from cinedit.tokenizer.losses import (
     generator_adv_loss,
     hinge_d_loss,
 )
+from cinedit.tokenizer.lpips import LPIPSConfig, LPIPSUnavailable, vgg16_features
 
 BUCKETS = '{"32px": {"1": [1.0, 4], "4": [1.0, 2]}}'
 
@@ -72,7 +74,7 @@ def args(meta: Path, out: Path, *extra: str) -> list[str]:
 
 
 def losses(out: Path, key: str = "loss/total") -> dict[int, float]:
-    return {r["step"]: r[key] for r in runtime.read_metrics(out) if key in r}
+    return {r["step"]: r[key] for r in read_metrics(out) if key in r}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -135,32 +137,32 @@ def test_lpips_loss_refuses_without_backbone_and_runs_with_one(tmp_path, monkeyp
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
-    info = runtime.DistInfo(0, 1, 0, torch.device("cpu"))
-    runtime.save_checkpoint(tmp_path, 1, lambda p: torch.save({"w": torch.ones(2)}, p / "state.pt"), info)
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+    save_checkpoint(tmp_path, 1, lambda p: torch.save({"w": torch.ones(2)}, p / "state.pt"), info)
 
     def crash(p: Path) -> None:
         torch.save({"w": torch.zeros(2)}, p / "state.pt")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        runtime.save_checkpoint(tmp_path, 2, crash, info)
-    latest = runtime.latest_checkpoint(tmp_path)
-    assert latest == runtime.checkpoint_dir(tmp_path, 1)
-    assert not runtime.checkpoint_dir(tmp_path, 2).exists()
+        save_checkpoint(tmp_path, 2, crash, info)
+    latest = latest_checkpoint(tmp_path)
+    assert latest == checkpoint_dir(tmp_path, 1)
+    assert not checkpoint_dir(tmp_path, 2).exists()
     assert torch.equal(torch.load(latest / "state.pt")["w"], torch.ones(2))
-    runtime.save_checkpoint(tmp_path, 2, lambda p: torch.save({"w": torch.full((2,), 2.0)}, p / "state.pt"), info)
-    assert runtime.latest_checkpoint(tmp_path) == runtime.checkpoint_dir(tmp_path, 2)
+    save_checkpoint(tmp_path, 2, lambda p: torch.save({"w": torch.full((2,), 2.0)}, p / "state.pt"), info)
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 2)
     assert not list((tmp_path / "ckpt").glob(".*tmp"))
 
 
 def test_ema_warmup_and_state():
     m = torch.nn.Linear(2, 2)
-    ema = runtime.EMA(m, decay=0.99)
+    ema = EMA(m, decay=0.99)
     with torch.no_grad():
         m.weight.add_(1.0)
     ema.update(m)  # first update: decay min(0.99, 1/10)
     assert torch.allclose(ema.module.weight, m.weight - 0.1)
-    other = runtime.EMA(m, 0.99)
+    other = EMA(m, 0.99)
     other.load_state_dict(ema.state_dict())
     assert other.updates == 1 and torch.equal(other.module.weight, ema.module.weight)
 
@@ -198,11 +200,11 @@ def test_debug_run_writes_metrics_checkpoints_and_model(meta, tmp_path, capsys):
         )
         == 0
     )
-    rows = runtime.read_metrics(out)
+    rows = read_metrics(out)
     assert [r["step"] for r in rows if "val/l1" in r] == [0, 2, 4]
     assert sorted(losses(out)) == [1, 2, 3, 4]
     assert sorted(losses(out, "loss/disc")) == [2, 3, 4] and "adaptive_weight" in rows[-2]
-    assert runtime.latest_checkpoint(out) == out / "ckpt" / "step-000004"
+    assert latest_checkpoint(out) == out / "ckpt" / "step-000004"
     assert (out / "ckpt" / "step-000002" / "disc" / "optimizer.index.json").is_file()
     assert load_config(out).train.steps == 4
     model = load_pretrained(out / "model")
@@ -218,7 +220,7 @@ def test_debug_run_writes_metrics_checkpoints_and_model(meta, tmp_path, capsys):
 
     # A checkpoint left half-written does not replace `latest`; the previous one still loads into a trainer.
     cfg = load_config(out)
-    info = runtime.init_distributed("cpu")
+    info = init_distributed("cpu")
     tr = train_mod.build_trainer(cfg, info)
 
     def crash(path):
@@ -226,9 +228,9 @@ def test_debug_run_writes_metrics_checkpoints_and_model(meta, tmp_path, capsys):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        runtime.save_checkpoint(out, 5, crash, info)
-    assert runtime.latest_checkpoint(out) == out / "ckpt" / "step-000004"
-    train_mod.load(tr, runtime.latest_checkpoint(out))
+        save_checkpoint(out, 5, crash, info)
+    assert latest_checkpoint(out) == out / "ckpt" / "step-000004"
+    train_mod.load(tr, latest_checkpoint(out))
     assert tr.step == 4 and tr.ema.updates == 4
 
 
@@ -254,7 +256,7 @@ def test_resume_reproduces_uninterrupted_losses_exactly(meta, tmp_path, monkeypa
     for key in ("loss/total", "loss/l1", "loss/disc", "adaptive_weight", "grad_norm", "images"):
         a, b = losses(full, key), losses(killed, key)
         assert sorted(b) == sorted(a) and all(a[s] == b[s] for s in range(5, 9)), key
-    assert {r["images"] for r in runtime.read_metrics(full) if "images" in r} == {0.0, 1.0}
+    assert {r["images"] for r in read_metrics(full) if "images" in r} == {0.0, 1.0}
     ema_a = load_pretrained(full / "model").state_dict()
     ema_b = load_pretrained(killed / "model").state_dict()
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
@@ -274,7 +276,7 @@ def test_short_run_lowers_heldout_loss(meta, tmp_path):
         "--optim.lr=5e-4",
     )
     assert train_mod.main(args(meta, out, *extra)) == 0
-    val = {r["step"]: r for r in runtime.read_metrics(out) if "val/l1" in r}
+    val = {r["step"]: r for r in read_metrics(out) if "val/l1" in r}
     before, after = val[0], val[steps]
     print(json.dumps({"before": before, "after": after}))
     assert after["val/l1"] < 0.9 * before["val/l1"]

@@ -21,11 +21,12 @@ from colossal_cpu import patch_colossalai_for_cpu
 from distributed import run_workers
 from safetensors.torch import load_file
 
-from cinedit.data.sampler import dp_rank_size
+from cinedit.configs import ParallelConfig
 from cinedit.generator.math import make_ids, make_txt_ids
 from cinedit.generator.model import PRESETS, MMDiT
-from cinedit.parallel import ParallelConfig, build_booster, cp_group_ranks, dp_group_ranks
-from cinedit.runtime import DistInfo
+from cinedit.runtime.booster import build_booster
+from cinedit.runtime.dist import DistInfo
+from cinedit.runtime.layout import cp_group_ranks, dp_group_ranks, dp_rank_size
 
 CLIP = 0.05  # below every gradient norm of these runs: clipping is active
 STEPS, SAVE_AT, SHORT = 4, 2, 3

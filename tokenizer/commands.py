@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -20,10 +19,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm import tqdm
 
+from cinedit.data.index import find_media
+from cinedit.data.meta import SUFFIXES, read_meta
 from cinedit.data.video import (
     IMAGE_EXTS,
     VIDEO_EXTS,
@@ -35,23 +38,24 @@ from cinedit.data.video import (
     to_uint8,
     write_video,
 )
-from cinedit.tokenizer.loading import load_pretrained
+from cinedit.runtime.dist import resolve_device
+from cinedit.runtime.files import atomic_path
+from cinedit.tokenizer.loading import load_tokenizer, tokenizer_hash
+from cinedit.tokenizer.metrics import psnr, ssim
 from cinedit.tokenizer.model import VideoDCAE
 from cinedit.tokenizer.tiling import TilingConfig
 from cinedit.tokenizer.tiling import decode as tiled_decode
 from cinedit.tokenizer.tiling import encode as tiled_encode
 
 LATENT_EXT = ".safetensors"
+CKPT_REQUIRED = (
+    "--ckpt is required: a model folder written by `cinedit tokenizer train` / save_pretrained, or the released "
+    "Video DC-AE safetensors file"
+)
 
 
 class InputError(ValueError):
     """An input this command cannot use; the message says how to fix it."""
-
-
-def config_hash(model: VideoDCAE) -> str:
-    """A short hash of the tokenizer's architecture (latents only decode with the same architecture)."""
-    doc = json.dumps(dataclasses.asdict(model.config), sort_keys=True)
-    return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -67,9 +71,6 @@ class Clip:
 
 def find_inputs(src: str | os.PathLike) -> tuple[list[Path], bool]:
     """The media files named by `src` and whether `src` named a single file."""
-    from cinedit.data.index import find_media
-    from cinedit.data.meta import SUFFIXES, read_meta
-
     src = Path(src)
     if src.is_dir():
         files = find_media(src)
@@ -121,25 +122,9 @@ def read_clip(
     return Clip(path, video[None], fps, h, w)
 
 
-def load_tokenizer(ckpt: str | None, device: torch.device) -> VideoDCAE:
-    """A tokenizer from our model folder or the release's single file, in eval mode on `device`."""
-    if not ckpt:
-        raise InputError(
-            "--ckpt is required: a model folder written by `cinedit tokenizer train` / save_pretrained, "
-            "or the released Video DC-AE safetensors file"
-        )
-    return load_pretrained(ckpt).to(device).eval()
-
-
 def _tiling(args: argparse.Namespace) -> TilingConfig:
     enabled = {"auto": None, "on": True, "off": False}[args.tiling]
     return TilingConfig(spatial_tile=args.tile_size, temporal_tile=args.tile_frames, enabled=enabled)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _output(src: Path, root: Path | None, out: Path, single: bool, suffix: str) -> Path:
@@ -153,22 +138,16 @@ def write_frames(path: Path, video: Tensor, fps: float) -> Path:
     """An image (T = 1, written as PNG unless the path says .mp4) or an mp4, atomically."""
     frames = to_uint8(video)
     if frames.shape[0] == 1 and path.suffix.lower() != ".mp4":
-        from PIL import Image
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-        Image.fromarray(frames[0]).save(tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(frames[0]).save(tmp)
         return path
     return write_video(path, frames, fps if fps > 0 else 24.0)
 
 
 def save_latent(path: Path, latent: Tensor, meta: dict) -> Path:
     """Latent (C, t, h, w) with string metadata, as safetensors, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"latent": latent.contiguous().cpu()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"latent": latent.contiguous().cpu()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     return path
 
 
@@ -195,11 +174,11 @@ def _latent_frames(path: Path) -> int | None:
 
 def _run(args: argparse.Namespace, work) -> int:
     """Shared driver: resolve inputs and outputs, skip existing ones, report bad inputs, exit code."""
-    from tqdm import tqdm
-
     try:
         inputs, single = find_inputs(args.input)
-        model = load_tokenizer(args.ckpt, _device(args.device))
+        if not args.ckpt:
+            raise InputError(CKPT_REQUIRED)
+        model = load_tokenizer(args.ckpt, resolve_device(args.device))
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"cinedit tokenizer {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -238,8 +217,6 @@ def reconstruct(model: VideoDCAE, clip: Clip, tiling: TilingConfig) -> tuple[Ten
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from cinedit.eval.metrics import psnr, ssim
-
     tiling = _tiling(args)
 
     def work(model: VideoDCAE, src: Path, dst: Path) -> str:
@@ -271,7 +248,7 @@ def _encode(args: argparse.Namespace) -> int:
             "padded_width": clip.video.shape[4],
             "scaling_factor": model.scaling_factor,
             "scaled": False,
-            "tokenizer_config_hash": config_hash(model),
+            "tokenizer_config_hash": tokenizer_hash(model),
             "tokenizer_config": json.dumps(dataclasses.asdict(model.config)),
         }
         save_latent(dst, z, meta)
@@ -288,9 +265,9 @@ def _decode(args: argparse.Namespace) -> int:
             raise InputError(f"{src}: latent files are {LATENT_EXT} files written by `cinedit tokenizer encode`")
         z, meta = load_latent(src)
         want = meta.get("tokenizer_config_hash")
-        if want and want != config_hash(model) and not args.force:
+        if want and want != tokenizer_hash(model) and not args.force:
             raise InputError(
-                f"{src} was encoded by a tokenizer with config hash {want}, --ckpt has {config_hash(model)}: "
+                f"{src} was encoded by a tokenizer with config hash {want}, --ckpt has {tokenizer_hash(model)}: "
                 f"decode with the same tokenizer (or --force)"
             )
         frames = int(meta["num_frames"]) if "num_frames" in meta else None
@@ -342,7 +319,6 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 __all__ = [
     "InputError",
     "add_cli",
-    "config_hash",
     "find_inputs",
     "load_latent",
     "read_clip",

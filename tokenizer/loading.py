@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -16,9 +19,12 @@ from typing import Any
 
 import torch
 
-from cinedit import modelio
-from cinedit.modelio import save_model_folder
+from cinedit.configs.tokenizer import DEBUG_TOKENIZER
+from cinedit.runtime import modelio
+from cinedit.runtime.modelio import save_model_folder
 from cinedit.tokenizer.model import PRESETS, DCAEConfig, VideoDCAE
+
+DEBUG_TOKENIZER_SEED = 0
 
 
 def save_pretrained(model: VideoDCAE, out_dir: str | os.PathLike) -> Path:
@@ -209,3 +215,34 @@ def init_from_image_dcae(image_model: Any, temporal: list[bool] | None = None) -
     model = VideoDCAE(image_dcae_config(image_model.config, temporal))
     model.load_state_dict(image_dcae_state_dict(image_model.state_dict(), model), strict=True)
     return model
+
+
+def load_tokenizer(spec: str | os.PathLike, device: torch.device | str = "cpu") -> VideoDCAE:
+    """A frozen Video DC-AE in eval mode on `device`: a model folder, a release .safetensors file, or `debug`.
+
+    The one loader behind every command and trainer that uses a tokenizer. `debug` is the debug preset with RANDOM
+    weights (seeded, so the trainer and `cinedit data cache` build the same one): its latents carry no learned
+    structure, it is for smoke runs and tests only.
+    """
+    spec = str(spec) if spec else ""
+    if not spec:
+        raise ValueError(
+            "no tokenizer given: pass a Video DC-AE model folder or the release's .safetensors file "
+            "(or 'debug' for the random-weight debug tokenizer)"
+        )
+    if spec == DEBUG_TOKENIZER:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(DEBUG_TOKENIZER_SEED)
+            model = VideoDCAE(PRESETS["debug"]())
+    else:
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"tokenizer {spec!r}: no such model folder or .safetensors file")
+        model = load_pretrained(spec)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def tokenizer_hash(model: VideoDCAE) -> str:
+    """A short hash of the tokenizer's architecture, recorded with every latent (latents only decode with the same
+    architecture, and a latent cache only serves the tokenizer that wrote it)."""
+    doc = json.dumps(dataclasses.asdict(model.config), sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]

@@ -8,51 +8,11 @@ commensurate with the reconstruction gradient.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor, nn
 
-from cinedit.configs import ConfigError
-from cinedit.eval.lpips import LPIPS, LPIPSConfig, build_lpips, lpips_video
-
-
-@dataclass
-class LossConfig:
-    """Reconstruction loss weights; LPIPS uses VGG16 (its ImageNet backbone is a local file, see `lpips`)."""
-
-    l1_weight: float = 1.0
-    lpips_weight: float = 0.5
-    lpips: LPIPSConfig = field(default_factory=lambda: LPIPSConfig(net="vgg"))
-    lpips_frames_per_batch: int = 0  # chunk LPIPS over frames to bound memory (0: all at once)
-
-    def validate(self) -> None:
-        if self.l1_weight < 0 or self.lpips_weight < 0:
-            raise ConfigError(f"loss weights must be >= 0, got l1 {self.l1_weight}, lpips {self.lpips_weight}")
-
-
-@dataclass
-class DiscConfig:
-    """The adversarial phase: a 3D PatchGAN trained with the hinge loss from step `start` on."""
-
-    start: int = -1  # first step with the adversarial loss; -1: never (phase 1 only)
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.0
-    weight: float = 0.05  # multiplies the adaptive weight
-    max_adaptive: float = 1e4  # adaptive weight clamp [0, max_adaptive]
-    layers: int = 5
-    filters: int = 64
-
-    def validate(self) -> None:
-        if self.start < -1:
-            raise ConfigError(f"disc.start must be a step >= 0, or -1 for no adversarial phase, got {self.start}")
-        if self.layers < 1 or self.filters < 1:
-            raise ConfigError(f"disc.layers and disc.filters must be >= 1, got {self.layers}, {self.filters}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.start >= 0
+from cinedit.configs.tokenizer import DiscConfig, LossConfig
+from cinedit.tokenizer.lpips import LPIPS, build_lpips, lpips_video
 
 
 class ReconstructionLoss(nn.Module):

@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,27 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from cinedit import runtime
-from cinedit.configs import BucketConfig, ConfigError, DataConfig, EMAConfig, LoopConfig, preset
+from cinedit.configs.tokenizer import (
+    TOKENIZER_RUN_CONTROL,
+    TokenizerDataConfig,
+    TokenizerModelConfig,
+    TokenizerTrainConfig,
+)
 from cinedit.data.buckets import mix_seed, uniform
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta
+from cinedit.data.sample import run_meta
 from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler
 from cinedit.data.video import frame_stride, num_sampled_frames
-from cinedit.parallel import Booster, ParallelConfig, build_booster
+from cinedit.runtime import cli as runtime_cli
+from cinedit.runtime.booster import Booster, build_booster
+from cinedit.runtime.checkpoint import load_training, save_training
+from cinedit.runtime.dist import DistInfo, all_gather_objects, all_reduce_sum, autocast
+from cinedit.runtime.modelio import CONFIG_NAME, WEIGHTS_NAME
+from cinedit.runtime.rng import seed_everything
+from cinedit.runtime.training import EMA, TrainHooks, forever, run_training
+from cinedit.tokenizer.loading import init_from_image_dcae, load_pretrained, save_pretrained
 from cinedit.tokenizer.losses import (
-    DiscConfig,
-    LossConfig,
     ReconstructionLoss,
     adaptive_weight,
     build_discriminator,
@@ -42,171 +52,19 @@ from cinedit.tokenizer.losses import (
     generator_adv_loss,
     hinge_d_loss,
 )
+from cinedit.tokenizer.metrics import psnr
 from cinedit.tokenizer.model import PRESETS as MODEL_PRESETS
 from cinedit.tokenizer.model import VideoDCAE
 
 KIND = "tokenizer"
-SAMPLE_DATA = runtime.SAMPLE_DATA
-# Fields a resumed run may change without becoming a different run.
-RUN_CONTROL = (
-    "train.steps",
-    "train.log_every",
-    "train.eval_every",
-    "train.ckpt_every",
-    "train.keep_checkpoints",
-    "train.resume",
-    "train.overwrite",
-    "train.progress",
-    "data.num_workers",
-    "data.prefetch_factor",
-    "disc.start",  # phase 2 continues a phase-1 run
-)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# config
-
-
-@dataclass
-class ModelConfig:
-    """Which Video DC-AE to train and what to start from."""
-
-    preset: str = "f32t4c128"  # a cinedit.tokenizer.PRESETS name
-    # "" (random init), our model folder (save_pretrained), a release .safetensors file, or an image DC-AE
-    # folder / hub id that diffusers' AutoencoderDC loads (inflated to 3D).
-    init_from: str = ""
-
-    def validate(self) -> None:
-        if self.preset not in MODEL_PRESETS:
-            raise ConfigError(f"model.preset must be one of {sorted(MODEL_PRESETS)}, got {self.preset!r}")
-
-
-@dataclass
-class TokenizerDataConfig(DataConfig):
-    """Training data plus the held-out clips: a seeded share of the videos, never trained on (images all train)."""
-
-    val_fraction: float = 0.05
-    val_max: int = 64  # at most this many held-out clips
-    square: bool = True  # crop every bucket to a square of the same pixel count (DC-AE trains on square crops)
-    eval_frames: int = 32  # held-out clips are read at (eval_frames, eval_size, eval_size)
-    eval_size: int = 256
-    eval_batch: int = 1
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0 <= self.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.eval_size % 32 or self.eval_size < 32:
-            raise ConfigError(f"data.eval_size must be a positive multiple of 32, got {self.eval_size}")
-        if self.eval_frames != 1 and self.eval_frames % 4:
-            raise ConfigError(f"data.eval_frames must be 1 or a multiple of 4, got {self.eval_frames}")
-        if self.eval_batch < 1:
-            raise ConfigError(f"data.eval_batch must be >= 1, got {self.eval_batch}")
-
-
-@dataclass
-class OptimConfig:
-    """AdamW for the autoencoder."""
-
-    lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-8
-    weight_decay: float = 0.0  # gradient clipping is parallel.grad_clip (ZeRO clips inside its step)
-
-
-@dataclass
-class TrainConfig(LoopConfig):
-    """The loop (`LoopConfig`), with the share of image steps and TensorBoard previews."""
-
-    out_dir: str = "runs/tokenizer"
-    image_share: float = 0.2  # share of steps (one process) or of ranks (several) on image batches
-    log_images: int = 1  # held-out reconstructions written to TensorBoard at each evaluation
-
-    def validate(self) -> None:
-        super().validate()
-        if self.steps < 1:
-            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
-        if not 0 <= self.image_share <= 1:
-            raise ConfigError(f"train.image_share must be in [0, 1], got {self.image_share}")
-
-
-@dataclass
-class TokenizerTrainConfig:
-    """A Video DC-AE training run."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    disc: DiscConfig = field(default_factory=DiscConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    # ZeRO / DDP plugin, bf16 and gradient clipping (cinedit.parallel); no context parallelism here.
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-
-    def validate(self) -> None:
-        # ParallelConfig checks itself in __post_init__, which overrides (setattr) skip: rebuild it.
-        try:
-            ParallelConfig(**dataclasses.asdict(self.parallel))
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"parallel: {e}") from None
-        if self.parallel.cp_size != 1:
-            raise ConfigError(
-                "parallel.cp_size must be 1 for the tokenizer: its clips are short enough for one process (long "
-                "inputs are tiled at inference)"
-            )
-
-
-@preset(KIND)
-def f32t4c128() -> TokenizerTrainConfig:
-    """The release recipe (DESIGN.md "Facts: Video DC-AE"): 256px square clips of 32 frames and 256px images.
-
-    Phase 1 (reconstruction) by default; phase 2 is `--disc.start=STEP` (also when resuming a phase-1 run).
-    Needs `--data.meta=...` and the VGG16 backbone (`--loss.lpips.backbone=/path/to/vgg16-397923af.pth`).
-    Batch sizes per GPU (1 clip, 4 images) are our choice; the release does not state them.
-    """
-    return TokenizerTrainConfig(
-        model=ModelConfig(preset="f32t4c128"),
-        data=TokenizerDataConfig(buckets=BucketConfig(table={"256px": {1: (1.0, 4), 32: (1.0, 1)}}), num_workers=4),
-        train=TrainConfig(out_dir="runs/tokenizer_f32t4c128"),
-    )
-
-
-@preset(KIND)
-def debug() -> TokenizerTrainConfig:
-    """The debug model on the sample data (built into `<out_dir>/sample_data` unless `--data.meta` is given):
-    64px square 8-frame clips and images, 20 steps, adversarial phase from step 5.
-
-    LPIPS weight 0: no ImageNet VGG16 weights exist on the development machine; give
-    `--loss.lpips_weight=0.5 --loss.lpips.backbone=PATH` where they do. lr 1e-3 so a few steps show progress.
-    """
-    return TokenizerTrainConfig(
-        model=ModelConfig(preset="debug"),
-        data=TokenizerDataConfig(
-            buckets=BucketConfig(table={"64px": {1: (1.0, 4), 8: (1.0, 2)}}),
-            num_workers=0,
-            val_fraction=0.25,
-            val_max=4,
-            eval_frames=8,
-            eval_size=64,
-            eval_batch=2,
-        ),
-        loss=LossConfig(lpips_weight=0.0),
-        disc=DiscConfig(start=5, filters=8),
-        optim=OptimConfig(lr=1e-3),
-        train=TrainConfig(steps=20, log_every=1, eval_every=10, ckpt_every=10, out_dir="runs/tokenizer_debug"),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # build
 
 
-def build_model(cfg: ModelConfig) -> VideoDCAE:
-    """A Video DC-AE from the preset, or initialised from `init_from` (see `ModelConfig`)."""
-    from cinedit.modelio import CONFIG_NAME, WEIGHTS_NAME
-    from cinedit.tokenizer.loading import init_from_image_dcae, load_pretrained
-
+def build_model(cfg: TokenizerModelConfig) -> VideoDCAE:
+    """A Video DC-AE from the preset, or initialised from `init_from` (see `TokenizerModelConfig`)."""
     cfg.validate()
     if not cfg.init_from:
         return VideoDCAE(MODEL_PRESETS[cfg.preset]())
@@ -262,28 +120,14 @@ class TrainData:
     image_ranks: int  # ranks that train on images (several ranks only)
 
 
-def resolve_meta(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> Path:
-    """`data.meta`, or the sample dataset built once into `<out_dir>/sample_data`."""
-    if cfg.data.meta:
-        return Path(cfg.data.meta)
-    from cinedit.data.sample import build_sample_data
-
-    root = Path(cfg.train.out_dir) / SAMPLE_DATA
-    meta = root / "meta.csv"
-    if info.is_main and not meta.is_file():
-        build_sample_data(root, overwrite=True, progress=cfg.train.progress)
-    runtime.barrier()
-    return meta
-
-
-def build_data(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> TrainData:
+def build_data(cfg: TokenizerTrainConfig, info: DistInfo) -> TrainData:
     """Split the metadata, and build this rank's loaders and held-out shard.
 
     One process trains on both loaders (a seeded draw per step picks one); with several ranks, the first
     round(image_share * world) ranks take images and the others videos, each group splitting its own data.
     """
     dcfg = cfg.data
-    meta = read_meta(resolve_meta(cfg, info))
+    meta = read_meta(run_meta(cfg.data.meta, cfg.train.out_dir, cfg.train.progress))
     train_meta, held_meta = split_meta(meta, dcfg)
     is_img = train_meta["num_frames"].to_numpy() == 1
     img_meta = train_meta[is_img].reset_index(drop=True)
@@ -317,19 +161,19 @@ def build_data(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> TrainData:
         held_ds[(i, dcfg.eval_frames, dcfg.eval_size, dcfg.eval_size, mix_seed(dcfg.seed, i))]["video"]
         for i in range(info.rank, len(held_meta), info.world_size)
     ]
-    return TrainData(video, image, heldout, len(held_meta), n_img)
+    return TrainData(video=video, image=image, heldout=heldout, num_heldout=len(held_meta), image_ranks=n_img)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trainer:
-    """Everything a step touches."""
+    """Everything a step touches (built with keywords)."""
 
     cfg: TokenizerTrainConfig
-    info: runtime.DistInfo
+    info: DistInfo
     model: nn.Module  # boosted
     optimizer: Any
     booster: Booster
-    ema: runtime.EMA
+    ema: EMA
     loss_fn: ReconstructionLoss
     data: TrainData
     disc: nn.Module | None = None  # boosted
@@ -350,18 +194,27 @@ def build_optimizer(params: Any, lr: float, betas: tuple[float, float], weight_d
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
 
 
-def build_trainer(cfg: TokenizerTrainConfig, info: runtime.DistInfo) -> Trainer:
+def build_trainer(cfg: TokenizerTrainConfig, info: DistInfo) -> Trainer:
     """Model, EMA, loss (fails early without LPIPS weights), discriminator, optimizers, boosters and data."""
-    runtime.seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     loss_fn = build_reconstruction_loss(cfg.loss).to(info.device)
     model = build_model(cfg.model)
-    ema = runtime.EMA(model, cfg.ema.decay, cfg.ema.warmup)
+    ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)
     ema.module.to(info.device)
     o = cfg.optim
     booster = build_booster(cfg.parallel, info)
     optimizer = build_optimizer(model.parameters(), o.lr, o.betas, o.weight_decay, o.eps)
     model, optimizer = booster.boost(model, optimizer)
-    tr = Trainer(cfg, info, model, optimizer, booster, ema, loss_fn, build_data(cfg, info))
+    tr = Trainer(
+        cfg=cfg,
+        info=info,
+        model=model,
+        optimizer=optimizer,
+        booster=booster,
+        ema=ema,
+        loss_fn=loss_fn,
+        data=build_data(cfg, info),
+    )
     if cfg.disc.enabled:
         d = cfg.disc
         disc = build_discriminator(d)
@@ -395,7 +248,7 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
     x = batch["video"].to(dev, non_blocking=True)
     adversarial = tr.disc is not None and step >= cfg.disc.start
     tr.model.train()
-    with runtime.autocast(dev, cfg.parallel.precision):
+    with autocast(dev, cfg.parallel.precision):
         rec = tr.model(x)
     nll, parts = tr.loss_fn(x, rec)
     out = {f"loss/{k}": float(v) for k, v in parts.items()}
@@ -405,7 +258,7 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
         # and no DDP forward without a matching backward.
         disc = tr.disc_booster.unwrap(tr.disc)
         disc.requires_grad_(False)
-        with runtime.autocast(dev, cfg.parallel.precision):
+        with autocast(dev, cfg.parallel.precision):
             logits_fake = disc(rec)
         g_loss = generator_adv_loss(logits_fake.float())
         weight = adaptive_weight(nll, g_loss, tr.last_layer(), cfg.disc.max_adaptive) * cfg.disc.weight
@@ -418,7 +271,7 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
     tr.ema.update(tr.module)
     if adversarial:
         # Real and fake in one forward: one backward per DDP forward, and BatchNorm sees both in its statistics.
-        with runtime.autocast(dev, cfg.parallel.precision):
+        with autocast(dev, cfg.parallel.precision):
             logits = tr.disc(torch.cat([x, rec.detach()]))
         real, fake = logits.float().chunk(2)
         d_loss = hinge_d_loss(real, fake)
@@ -438,7 +291,7 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
 
 @torch.no_grad()
 def evaluate(tr: Trainer) -> tuple[dict[str, float], torch.Tensor | None]:
-    """Mean L1 and PSNR (frames in [0, 1], per frame then mean) of EMA reconstructions of the held-out clips.
+    """Mean L1 and PSNR (`cinedit.tokenizer.metrics.psnr`) of EMA reconstructions of the held-out clips.
 
     Returns the metrics over all ranks and, on the main rank, one (3, H, 2W) image: a middle frame and its
     reconstruction side by side.
@@ -448,18 +301,16 @@ def evaluate(tr: Trainer) -> tuple[dict[str, float], torch.Tensor | None]:
     preview = None
     for i in range(0, len(tr.data.heldout), bs):
         x = torch.stack(tr.data.heldout[i : i + bs]).to(dev)
-        with runtime.autocast(dev, tr.cfg.parallel.precision):
+        with autocast(dev, tr.cfg.parallel.precision):
             rec = model(x)
         rec = rec.float().clamp(-1, 1)
         l1_sum += float((rec - x).abs().mean(dim=(1, 2, 3, 4)).sum())
-        mse = ((rec - x) / 2).pow(2).mean(dim=(1, 3, 4))  # (b, t), frames in [0, 1]
-        psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-        psnr_sum += float(psnr.mean(dim=1).sum())
+        psnr_sum += float(psnr(rec, x).sum())  # inf when a clip comes back exactly, as in `cinedit eval recon`
         n += x.shape[0]
         if preview is None:
             t = x.shape[2] // 2
             preview = (torch.cat([x[0, :, t], rec[0, :, t]], dim=-1) + 1) / 2
-    l1_sum, psnr_sum, n = runtime.all_reduce_sum([l1_sum, psnr_sum, float(n)], dev)
+    l1_sum, psnr_sum, n = all_reduce_sum([l1_sum, psnr_sum, float(n)], dev)
     if n == 0:
         return {}, None
     return {"val/l1": l1_sum / n, "val/psnr": psnr_sum / n}, preview
@@ -477,22 +328,22 @@ def checkpoint_parts(tr: Trainer) -> dict[str, tuple[Any, nn.Module, Any]]:
 
 
 def save(tr: Trainer, run_dir: Path) -> Path:
-    """An atomic checkpoint of everything needed to continue exactly (see `runtime.save_training`)."""
-    states = runtime.all_gather_objects(
+    """An atomic checkpoint of everything needed to continue exactly (see `save_training`)."""
+    states = all_gather_objects(
         {
             "video": tr.data.video.state_dict() if tr.data.video else None,
             "image": tr.data.image.state_dict() if tr.data.image else None,
         }
     )
     loaders = {k: next((s[k] for s in states if s[k] is not None), None) for k in ("video", "image")}
-    return runtime.save_training(
+    return save_training(
         run_dir, tr.step, tr.info, checkpoint_parts(tr), tr.ema, {"loaders": loaders}, tr.cfg.train.keep_checkpoints
     )
 
 
 def load(tr: Trainer, path: Path) -> None:
     """Continue from a checkpoint folder written by `save` (one without a discriminator too)."""
-    doc = runtime.load_training(path, tr.info, checkpoint_parts(tr), tr.ema)
+    doc = load_training(path, tr.info, checkpoint_parts(tr), tr.ema)
     for name in ("video", "image"):
         loader, state = getattr(tr.data, name), doc["loaders"].get(name)
         if loader is not None and state is not None:
@@ -506,8 +357,8 @@ def load(tr: Trainer, path: Path) -> None:
 
 def batches(tr: Trainer):
     """next_batch(step): an image batch on image steps, a video batch otherwise (loaders resume where they were)."""
-    video = runtime.forever(tr.data.video) if tr.data.video is not None else None
-    image = runtime.forever(tr.data.image) if tr.data.image is not None else None
+    video = forever(tr.data.video) if tr.data.video is not None else None
+    image = forever(tr.data.image) if tr.data.image is not None else None
     return lambda step: next(image if uses_images(tr, step) else video)
 
 
@@ -519,15 +370,13 @@ def evaluate_and_preview(tr: Trainer) -> dict[str, Any]:
 
 
 def export(tr: Trainer, out_dir: Path) -> None:
-    from cinedit.tokenizer.loading import save_pretrained
-
     save_pretrained(tr.ema.module, out_dir)
 
 
 # Lambdas look the functions up at call time, so a test can monkeypatch `train_step` or `save`.
-HOOKS = runtime.TrainHooks(
+HOOKS = TrainHooks(
     kind=KIND,
-    run_control=RUN_CONTROL,
+    run_control=TOKENIZER_RUN_CONTROL,
     build=lambda cfg, info: build_trainer(cfg, info),
     batches=batches,
     train_step=lambda tr, batch, step: train_step(tr, batch, step),
@@ -541,27 +390,21 @@ HOOKS = runtime.TrainHooks(
 
 def fit(cfg: TokenizerTrainConfig, preset_name: str | None = None) -> dict[str, float]:
     """Run (or continue) training; returns the last logged scalars and the final held-out metrics."""
-    return runtime.run_training(cfg, HOOKS, preset_name)
+    return run_training(cfg, HOOKS, preset_name)
 
 
 def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register `cinedit tokenizer train`."""
-    return runtime.add_train_cli(
+    return runtime_cli.add_train_cli(
         subparsers, KIND, fit, "train a Video DC-AE (L1 + LPIPS, then a 3D PatchGAN phase)", "Train a Video DC-AE."
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return runtime.train_main(KIND, add_cli, argv)
+    return runtime_cli.train_main(KIND, add_cli, argv)
 
 
 __all__ = [
-    "EMAConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "TokenizerDataConfig",
-    "TokenizerTrainConfig",
-    "TrainConfig",
     "Trainer",
     "build_data",
     "build_model",

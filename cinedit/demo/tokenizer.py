@@ -23,6 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cinedit.configs import DataConfig
+from cinedit.data.buckets import mix_seed
+from cinedit.data.cache import plan_shapes
+from cinedit.data.dataset import VideoDataset
+from cinedit.data.meta import read_meta, write_meta
+from cinedit.data.video import read_video, write_video
+from cinedit.eval import figures, psnr, ssim
+from cinedit.eval.cli import main as eval_main
+from cinedit.eval.recon import pick_frames
+from cinedit.runtime.modelio import CONFIG_NAME
+from cinedit.runtime.rng import seed_everything
+from cinedit.tokenizer.commands import find_inputs, read_clip, reconstruct
+from cinedit.tokenizer.loading import load_pretrained, save_pretrained
+from cinedit.tokenizer.model import VideoDCAE
+from cinedit.tokenizer.tiling import TilingConfig
+from cinedit.tokenizer.train import build_model, split_meta
+
 RECON_SIZE = (64, 64)  # the debug tokenizer's training size
 RECON_FRAMES = 16
 RECON_STRIDE = 2  # the sample clips are 25 fps; training reads them at ceil(25 / 24) = 2
@@ -31,8 +48,6 @@ STRIP_FRAMES = 4
 
 def heldout_meta(cfg: Any, path: Path) -> Path:
     """The tokenizer run's held-out clips as a meta file (written once)."""
-    from cinedit.data.meta import read_meta, write_meta
-    from cinedit.tokenizer.train import split_meta
 
     if not path.is_file():
         _, held = split_meta(read_meta(cfg.data.meta), cfg.data)
@@ -42,13 +57,9 @@ def heldout_meta(cfg: Any, path: Path) -> Path:
 
 def init_model(cfg: Any, folder: Path) -> Path:
     """The untrained model the tokenizer run starts from (same preset and seed as its trainer), saved once."""
-    from cinedit import runtime
-    from cinedit.modelio import CONFIG_NAME
-    from cinedit.tokenizer.loading import save_pretrained
-    from cinedit.tokenizer.train import build_model
 
     if not (folder / CONFIG_NAME).is_file():
-        runtime.seed_everything(cfg.train.seed)  # as build_trainer does right before build_model
+        seed_everything(cfg.train.seed)  # as build_trainer does right before build_model
         save_pretrained(build_model(cfg.model), folder)
     return folder
 
@@ -60,14 +71,6 @@ def calibrate(model_dir: Path, dst: Path, meta: Path, tables: list[Any], seed: i
     seeded crops).
     """
     import dataclasses
-
-    from cinedit.configs import DataConfig
-    from cinedit.data.buckets import mix_seed
-    from cinedit.data.cache_cmd import plan_shapes
-    from cinedit.data.dataset import VideoDataset
-    from cinedit.data.meta import read_meta
-    from cinedit.tokenizer.loading import load_pretrained, save_pretrained
-    from cinedit.tokenizer.model import VideoDCAE
 
     stats_path = dst / "latent_stats.json"
     if stats_path.is_file() and (dst / "config.json").is_file():
@@ -116,15 +119,13 @@ def recon_eval(ckpt: Path, heldout: Path, out: Path, device: str) -> dict[str, A
     """`cinedit eval recon` of the held-out clips (skipped when its recon.json exists); returns recon.json."""
     import shlex
 
-    from cinedit.eval import cli as eval_cli
-
     result = out / "recon.json"
     if result.is_file():
         print(f"reusing {result}")
     else:
         argv = recon_argv(ckpt, heldout, out, device)
         print(f"$ {shlex.join(['cinedit', 'eval', *argv])}", flush=True)
-        if eval_cli.main(argv) == 2 or not result.is_file():
+        if eval_main(argv) == 2 or not result.is_file():
             raise RuntimeError(f"`cinedit eval recon` failed for {ckpt} (see above)")
     return json.loads(result.read_text())
 
@@ -155,11 +156,6 @@ def compare(heldout: Path, init: Path, final: Path, ev_dir: Path, strips: Path) 
     if result.is_file() and strips.is_file():
         print(f"reusing {result}")
         return json.loads(result.read_text())
-    from cinedit.eval import figures, psnr, ssim
-    from cinedit.eval.recon import pick_frames
-    from cinedit.tokenizer.commands import find_inputs, read_clip, reconstruct
-    from cinedit.tokenizer.loading import load_pretrained
-    from cinedit.tokenizer.tiling import TilingConfig
 
     models = {"start": load_pretrained(init).eval(), "end": load_pretrained(final).eval()}
     tok = models["end"]
@@ -203,7 +199,6 @@ def compare(heldout: Path, init: Path, final: Path, ev_dir: Path, strips: Path) 
 def reference_clips(sources: list[str], dests: list[Path], size: tuple[int, int], frames: int, fps: float) -> None:
     """Real clips as the generator is trained on them (stride 2, resized to fill `size`, `frames` frames) as mp4,
     written once."""
-    from cinedit.data.video import read_video, write_video
 
     for src, dst in zip(sources, dests):
         if not dst.is_file():

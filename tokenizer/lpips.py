@@ -10,14 +10,16 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
-# net -> (torch-hub file name, feature indices tapped after their ReLU, channels at each tap)
+from cinedit.configs.tokenizer import LPIPSConfig
+
+# net (cinedit.configs.tokenizer.LPIPS_NETS) -> (torch-hub file name, feature indices tapped after their ReLU,
+# channels at each tap)
 NETS: dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] = {
     "alex": ("alexnet-owt-7be5be79.pth", (1, 4, 7, 9, 11), (64, 192, 384, 256, 256)),
     "vgg": ("vgg16-397923af.pth", (3, 8, 15, 22, 29), (64, 128, 256, 512, 512)),
@@ -31,19 +33,6 @@ EPS = 1e-10
 
 class LPIPSUnavailable(RuntimeError):
     """LPIPS cannot be built because its backbone or head weights are not on this machine."""
-
-
-@dataclass
-class LPIPSConfig:
-    """Which LPIPS network to build and where its local weight files are."""
-
-    net: str = "alex"
-    backbone: str = ""  # torchvision-format ImageNet checkpoint; "" looks in the torch hub cache
-    heads: str = ""  # linear heads; "" uses the lpips package's weights/v0.1/<net>.pth
-
-    def __post_init__(self) -> None:
-        if self.net not in NETS:
-            raise ValueError(f"LPIPSConfig.net must be one of {sorted(NETS)}, got {self.net!r}")
 
 
 def alexnet_features() -> nn.Sequential:
@@ -234,6 +223,7 @@ def lpips_video(metric: LPIPS, x: torch.Tensor, y: torch.Tensor, frames_per_batc
 
 def build_lpips(cfg: LPIPSConfig) -> LPIPS:
     """LPIPS from a config; an empty backbone path falls back to the torch hub cache, else LPIPSUnavailable."""
+    cfg.validate()
     backbone = cfg.backbone or default_backbone_path(cfg.net)
     if not backbone:
         raise _unavailable(cfg.net, "LPIPSConfig.backbone is empty and the torch hub cache does not have it")

@@ -1,4 +1,4 @@
-"""Data and context parallelism for the trainers: the dp x cp process layout and the booster built from config.
+"""The booster both trainers train through, built from `cinedit.configs.ParallelConfig`.
 
 Plugins (`ParallelConfig.plugin`):
 
@@ -11,226 +11,34 @@ Plugins (`ParallelConfig.plugin`):
 
 ColossalAI 0.5.0's ZeRO optimizer asserts a CUDA or NPU device; tests run it on CPU through a test-only shim.
 
-Layout: the world is dp x cp with contiguous cp groups: ranks d*cp .. d*cp + cp - 1 share sample d (as
-`cinedit.data.sampler.dp_rank_size` splits the data); the dp group of a rank holds the ranks with its cp rank.
+Layout: the world is dp x cp with contiguous cp groups (`cinedit.runtime.layout`).
 
 Gradients with cp > 1: every rank of a cp group computes the same loss from the gathered output, and the sum of
 the group's parameter gradients is the gradient of that loss. Every plugin averages gradients over all dp x cp
 ranks, so `backward` multiplies the loss by cp_size: the average is then the mean over dp of full gradients.
 
-Checkpoints (`save_*` / `load_*` take a directory; every rank calls them) are written sharded: every rank writes
-whole tensors of its own share of the parameters (balanced by size), so no rank ever holds the whole optimizer.
-The format is the same for every plugin and every number of processes, so a run resumes on another one:
-
-- ``model-RRRRR-of-WWWWW.safetensors`` + ``model.index.json`` (name -> file): the model state in the working dtype.
-- ``optimizer-RRRRR-of-WWWWW.pt`` (``{name: {key: full tensor}}``) + ``optimizer.index.json`` (param groups with
-  parameter names, name -> file).
-- ``master-RRRRR-of-WWWWW.safetensors`` + ``master.index.json``: the fp32 master weights (zero/hybrid; their
-  optimizer keeps the masters). Loading them puts the masters back exactly and sets the working weights from them,
-  as a continuing run has them.
+Checkpoints (`save_*` / `load_*` take a directory; every rank calls them) are written in the sharded format of
+`cinedit.runtime.checkpoint`, so no rank ever holds the whole optimizer. Loading the fp32 masters puts them back
+exactly and sets the working weights from them, as a continuing run has them.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from cinedit.runtime import DistInfo
-
-PLUGINS = ("auto", "torch", "ddp", "zero", "hybrid")
-PRECISIONS = ("bf16", "fp32")
-CP_MODES = ("ulysses", "ring", "hybrid")
-INDEX = "{}.index.json"  # model / optimizer / master
-
-
-def shard_name(kind: str, rank: int, world: int) -> str:
-    return f"{kind}-{rank:05d}-of-{world:05d}" + (".pt" if kind == "optimizer" else ".safetensors")
-
-
-def shard_owners(sizes: dict[str, int], world: int) -> dict[str, int]:
-    """Which rank writes each tensor: largest first to the least loaded rank (the same answer on every rank)."""
-    load, owners = [0] * world, {}
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        r = min(range(world), key=lambda i: (load[i], i))
-        owners[name], load[r] = r, load[r] + sizes[name]
-    return owners
-
-
-def _write_index(path: Path, kind: str, weight_map: dict[str, str], **extra: Any) -> None:
-    import json
-
-    doc = {**extra, "weight_map": weight_map}
-    (Path(path) / INDEX.format(kind)).write_text(json.dumps(doc, indent=1) + "\n")
-
-
-def _read_index(path: Path, kind: str) -> dict[str, Any]:
-    import json
-
-    index = Path(path) / INDEX.format(kind)
-    if not index.is_file():
-        raise FileNotFoundError(f"{path} holds no {kind} checkpoint ({index.name} is missing)")
-    return json.loads(index.read_text())
-
-
-def _world_rank() -> tuple[int, int]:
-    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-
-
-@dataclass
-class ParallelConfig:
-    """How a trainer spreads over processes; see the module docstring."""
-
-    # auto | torch | ddp | zero | hybrid. auto: zero on CUDA (hybrid when cp_size > 1 in bf16), ddp on CPU.
-    plugin: str = "auto"
-    # ZeRO stage of zero/hybrid: 1 shards the optimizer states and masters, 2 also the gradients.
-    zero_stage: int = 2
-    # zero/hybrid: "bf16" keeps bf16 working weights over fp32 masters. torch/ddp keep fp32 weights either way
-    # (the trainers autocast). hybrid needs bf16: ColossalAI 0.5.0 refuses its ZeRO in fp32.
-    precision: str = "bf16"
-    # Clip the global gradient norm to this (0: no clipping); zero/hybrid clip inside their optimizer step.
-    grad_clip: float = 1.0
-    # ZeRO gradient reduce bucket in MB of working-precision gradients (ColossalAI counts it in M elements).
-    reduce_bucket_mb: int = 128
-    # Context-parallel group size: this many contiguous ranks split one sample's sequence. 1: no cp.
-    cp_size: int = 1
-    # How a cp group attends: "ring" (KV blocks passed around), "ulysses" (all-to-all to head shards) or
-    # "hybrid" (Ulysses inside subgroups of cp_ulysses_size ranks, ring across them).
-    cp_mode: str = "ring"
-    # The Ulysses degree of cp_mode "hybrid" (must divide cp_size); 0 chooses it (see `ulysses_size`).
-    cp_ulysses_size: int = 0
-
-    def __post_init__(self) -> None:
-        if self.plugin not in PLUGINS:
-            raise ValueError(f"parallel.plugin must be one of {list(PLUGINS)}, got {self.plugin!r}")
-        if self.zero_stage not in (1, 2):
-            raise ValueError(f"parallel.zero_stage must be 1 or 2, got {self.zero_stage}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"parallel.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if not self.grad_clip >= 0:
-            raise ValueError(f"parallel.grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
-        if self.reduce_bucket_mb < 1:
-            raise ValueError(f"parallel.reduce_bucket_mb must be >= 1, got {self.reduce_bucket_mb}")
-        if self.cp_size < 1:
-            raise ValueError(f"parallel.cp_size must be >= 1, got {self.cp_size}")
-        if self.cp_mode not in CP_MODES:
-            raise ValueError(f"parallel.cp_mode must be one of {list(CP_MODES)}, got {self.cp_mode!r}")
-        if self.cp_ulysses_size < 0:
-            raise ValueError(f"parallel.cp_ulysses_size must be >= 0 (0: automatic), got {self.cp_ulysses_size}")
-        if self.cp_ulysses_size and self.cp_mode != "hybrid":
-            raise ValueError(f"parallel.cp_ulysses_size is for cp_mode 'hybrid' only, cp_mode is {self.cp_mode!r}")
-        if self.cp_ulysses_size and self.cp_size % self.cp_ulysses_size:
-            raise ValueError(
-                f"parallel.cp_ulysses_size {self.cp_ulysses_size} must divide parallel.cp_size {self.cp_size}"
-            )
-        if self.plugin == "hybrid" and self.cp_size == 1:
-            raise ValueError("parallel.plugin 'hybrid' is the context-parallel plugin: set cp_size > 1, or use 'zero'")
-        if self.plugin == "hybrid" and self.precision != "bf16":
-            raise ValueError(
-                "parallel.plugin 'hybrid' needs precision 'bf16' (ColossalAI 0.5.0's HybridParallelPlugin refuses "
-                "ZeRO in fp32); use plugin 'zero' with cp_size > 1 for fp32"
-            )
-
-    def resolve_plugin(self, device: torch.device) -> str:
-        """The concrete plugin for `device` ("auto" resolved)."""
-        if self.plugin != "auto":
-            return self.plugin
-        if device.type != "cuda":
-            return "ddp"
-        return "hybrid" if self.cp_size > 1 and self.precision == "bf16" else "zero"
-
-    def ulysses_size(self, num_heads: int | None = None) -> int:
-        """The Ulysses degree: cp_size for "ulysses", 1 for "ring", cp_ulysses_size for "hybrid"; 0 there picks
-        the largest of 2, 4, 8 that divides cp_size (and `num_heads`) and leaves a ring of >= 2."""
-        if self.cp_mode == "ulysses":
-            return self.cp_size
-        if self.cp_mode == "ring":
-            return 1
-        if self.cp_ulysses_size:
-            return self.cp_ulysses_size
-        fits = [
-            u
-            for u in (2, 4, 8)
-            if self.cp_size % u == 0 and self.cp_size // u >= 2 and (num_heads is None or num_heads % u == 0)
-        ]
-        return fits[-1] if fits else 1
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# process layout
-
-
-@dataclass(frozen=True)
-class Layout:
-    """This rank's place in the dp x cp grid and its two groups."""
-
-    dp_rank: int
-    dp_size: int
-    cp_rank: int
-    cp_size: int
-    dp_group: Any  # ranks with this rank's cp rank, one per sample (WORLD when cp_size is 1)
-    cp_group: Any  # the cp_size contiguous ranks sharing this rank's sample (None when cp_size is 1)
-
-
-def cp_group_ranks(rank: int, world_size: int, cp_size: int) -> list[int]:
-    """The ranks of `rank`'s cp group: contiguous, as `dp_rank_size` assigns samples."""
-    from cinedit.data.sampler import dp_rank_size
-
-    dp_rank, _ = dp_rank_size(rank, world_size, cp_size)
-    return list(range(dp_rank * cp_size, (dp_rank + 1) * cp_size))
-
-
-def dp_group_ranks(rank: int, world_size: int, cp_size: int) -> list[int]:
-    """The ranks of `rank`'s dp group: one per sample, all at `rank`'s cp rank."""
-    cp_group_ranks(rank, world_size, cp_size)  # validates
-    return list(range(rank % cp_size, world_size, cp_size))
-
-
-def _layout(rank: int, world_size: int, cp_size: int, dp_group: Any, cp_group: Any) -> Layout:
-    from cinedit.data.sampler import dp_rank_size
-
-    dp_rank, dp_size = dp_rank_size(rank, world_size, cp_size)
-    return Layout(dp_rank, dp_size, rank % cp_size, cp_size, dp_group, cp_group)
-
-
-def build_layout(cp_size: int) -> Layout:
-    """Make the dp and cp groups of the default process group (every rank must call it, in the same order)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if world % cp_size:
-        raise ValueError(f"world size {world} is not a multiple of parallel.cp_size {cp_size}")
-    if cp_size == 1:
-        return _layout(rank, world, 1, dist.group.WORLD, None)
-    dp_group = cp_group = None
-    # dist.new_group is collective over the whole world: every rank creates every group, in the same order.
-    for c in range(cp_size):
-        ranks = list(range(c, world, cp_size))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            dp_group = group
-    for d in range(world // cp_size):
-        ranks = list(range(d * cp_size, (d + 1) * cp_size))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            cp_group = group
-    return _layout(rank, world, cp_size, dp_group, cp_group)
-
-
-def layout_from_groups(dp_group: Any, cp_group: Any, cp_size: int) -> Layout:
-    """The layout of groups made elsewhere (HybridParallelPlugin's dp and sp groups), checked to be ours."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    got = dist.get_process_group_ranks(cp_group), dist.get_process_group_ranks(dp_group)
-    want = cp_group_ranks(rank, world, cp_size), dp_group_ranks(rank, world, cp_size)
-    if list(got[0]) != want[0] or list(got[1]) != want[1]:
-        raise RuntimeError(f"rank {rank}: plugin groups (cp {got[0]}, dp {got[1]}) are not the layout's {want}")
-    return _layout(rank, world, cp_size, dp_group, cp_group)
-
+from cinedit.configs.parallel import ParallelConfig
+from cinedit.runtime.checkpoint import INDEX, read_index, shard_name, shard_owners, write_index
+from cinedit.runtime.dist import DistInfo, world_rank
+from cinedit.runtime.layout import Layout, build_layout, layout_from_groups
 
 # ----------------------------------------------------------------------------------------------------------------------
 # checkpoint helpers shared by the boosters
@@ -306,20 +114,16 @@ class _BoosterBase:
 
     def save_model(self, model: nn.Module, path: Path) -> None:
         """Write this rank's share of the model state (every rank holds the whole working weights, ZeRO too)."""
-        from safetensors.torch import save_file
-
-        world, rank = _world_rank()
+        world, rank = world_rank()
         state = self.unwrap(model).state_dict()
         owners = shard_owners({k: v.numel() for k, v in state.items()}, world)
         mine = {k: v.detach().contiguous().cpu() for k, v in state.items() if owners[k] == rank}
         save_file(mine, str(Path(path) / shard_name("model", rank, world)))
         if rank == 0:
-            _write_index(path, "model", {k: shard_name("model", r, world) for k, r in owners.items()})
+            write_index(path, "model", {k: shard_name("model", r, world) for k, r in owners.items()})
 
     def load_model(self, model: nn.Module, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        files = sorted(set(_read_index(path, "model")["weight_map"].values()))
+        files = sorted(set(read_index(path, "model")["weight_map"].values()))
         state = {k: v for f in files for k, v in load_file(str(Path(path) / f)).items()}
         self.unwrap(model).load_state_dict(state)
         # ZeRO: fp32 masters from the loaded working weights; `load_optimizer` replaces them by the saved ones.
@@ -332,9 +136,7 @@ class _BoosterBase:
 
         Collective: ZeRO shards are gathered parameter by parameter, and only the owner keeps the whole tensor.
         """
-        from safetensors.torch import save_file
-
-        world, rank = _world_rank()
+        world, rank = world_rank()
         inner = self._inner(optimizer)
         all_entries = self._entries(optimizer)
         owners = shard_owners({e[0]: e[2].numel() for group in all_entries for e in group}, world)
@@ -357,18 +159,18 @@ class _BoosterBase:
         if self.holds_masters:
             save_file(masters, str(Path(path) / shard_name("master", rank, world)))
         if rank == 0:
-            _write_index(
+            write_index(
                 path,
                 "optimizer",
                 {k: shard_name("optimizer", r, world) for k, r in owners.items()},
                 param_groups=groups,
             )
             if self.holds_masters:
-                _write_index(path, "master", {k: shard_name("master", r, world) for k, r in owners.items()})
+                write_index(path, "master", {k: shard_name("master", r, world) for k, r in owners.items()})
 
     def load_optimizer(self, optimizer: Any, path: Path) -> None:
         """Load what `save_optimizer` wrote, under any plugin and number of processes."""
-        index = _read_index(path, "optimizer")
+        index = read_index(path, "optimizer")
         # Memory-mapped: every rank reads its ZeRO pieces without a whole copy of every file.
         states: dict[str, Any] = {}
         for f in sorted(set(index["weight_map"].values())):
@@ -402,9 +204,7 @@ class _BoosterBase:
 
     @torch.no_grad()
     def _load_masters(self, entries: list[list[tuple[str, Tensor, Tensor, Any]]], path: Path) -> None:
-        from safetensors import safe_open
-
-        weight_map = _read_index(path, "master")["weight_map"]
+        weight_map = read_index(path, "master")["weight_map"]
         handles = {f: safe_open(str(Path(path) / f), framework="pt") for f in set(weight_map.values())}
         for name, p, working, pg in (e for group in entries for e in group):
             full = handles[weight_map[name]].get_tensor(name)
@@ -605,19 +405,4 @@ def build_booster(cfg: ParallelConfig, info: DistInfo) -> Booster:
     return ColossalBooster(info, cfg, plugin)
 
 
-__all__ = [
-    "CP_MODES",
-    "PLUGINS",
-    "Booster",
-    "ColossalBooster",
-    "Layout",
-    "ParallelConfig",
-    "TorchBooster",
-    "build_booster",
-    "build_layout",
-    "cp_group_ranks",
-    "dp_group_ranks",
-    "import_colossalai",
-    "keep_modules_policy",
-    "layout_from_groups",
-]
+__all__ = ["Booster", "ColossalBooster", "TorchBooster", "build_booster", "import_colossalai", "keep_modules_policy"]

@@ -23,80 +23,68 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-DEFAULT_MINUTES = 10.0
-# Step counts for about 10 minutes on an idle 2-core CPU. Measured at load 2 (demo.json of a default run): ~30 s of
-# fixed work, the tokenizer 0.23 s a step, the generator stages 0.016 / 0.017 / 0.024 s a step. The tokenizer's
-# held-out PSNR flattens after a few hundred steps, so much of the time goes to the generator. --minutes scales
-# every count linearly (with a floor); the counts never depend on the clock.
-STEPS_AT_DEFAULT = {"tokenizer": 1600, "stage1": 2000, "stage2": 2000, "stage3": 6000, "sample": 25}
-MIN_STEPS = {"tokenizer": 2, "stage1": 2, "stage2": 2, "stage3": 2, "sample": 2}
-
-TOKENIZER_PRESET = "debug"
-# The generator chain: stage -> (preset, demo-only overrides); each stage starts from the previous one's final model.
-# These are the CPU twins of the three GPU stages (64px t2v -> 64px t/i2v -> 128px t/i2v). The demo runs every stage
-# in this one process, so the last one drops context parallelism; it also trains inpainting there (the stage
-# presets do not), which the inpainting sample needs.
-STAGES: dict[str, tuple[str, list[str]]] = {
-    "stage1": ("debug_stage1", []),
-    "stage2": ("debug_stage2", []),
-    "stage3": ("debug_stage3", ["--parallel.cp_size=1", "--flow.inpaint_share=0.2"]),
-}
-STAGE_TITLES = {
-    "stage1": "64px text-to-video",
-    "stage2": "64px text/image-to-video",
-    "stage3": "128px text/image-to-video + inpainting",
-}
-TEXT_ENCODER = "debug"  # MiniLM, as the `debug` generator preset's text section
-FPS = 12.5  # the sample clips are 25 fps, read at stride ceil(25 / 24) = 2
-
-# Samples: the last stage's 128px 16:9 bucket (96x160) and its 8-frame clips (two latent frames).
-SAMPLE_FRAMES, SAMPLE_RESOLUTION, SAMPLE_ASPECT = 8, "128px", "16:9"
-T2V_CLIP, I2V_PHOTO, INPAINT_CLIP = "bunny_wakes", "coffee", "fence_bicycles"
-INPAINT_MASK = "frames:4-7"  # keep the first latent frame, regenerate the second
-
-TOKENIZER_DIR, CACHE_DIR, SAMPLES_DIR, EVAL_DIR = "tokenizer", "cache", "samples", "eval"
-SCALED_TOKENIZER = "tokenizer_scaled"  # the trained tokenizer with its measured latent scale: what the generator uses
-STATE_FILE, REPORT_FILE = "demo.json", "report.md"
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a demo run does: step counts from --minutes, the seed and the device."""
-
-    minutes: float
-    seed: int
-    device: str
-    tokenizer_steps: int
-    stage_steps: dict[str, int]
-    sample_steps: int
-
-    @classmethod
-    def make(cls, minutes: float = DEFAULT_MINUTES, seed: int = 42, device: str = "auto") -> Plan:
-        def n(key: str) -> int:
-            return max(MIN_STEPS[key], round(STEPS_AT_DEFAULT[key] * minutes / DEFAULT_MINUTES))
-
-        return cls(minutes, seed, device, n("tokenizer"), {s: n(s) for s in STAGES}, n("sample"))
-
-
-def every(steps: int, times: int) -> int:
-    """An interval that fires about `times` times in `steps` steps."""
-    return max(1, steps // times)
-
-
-def header(msg: str) -> None:
-    print(f"\n== {msg}", flush=True)
+from cinedit.cli import group_main
+from cinedit.configs import BucketConfig, ConfigError, DataConfig, config_from_argv
+from cinedit.data.bench import bench_decode
+from cinedit.data.dataset import VideoDataset
+from cinedit.data.filter import filter_meta
+from cinedit.data.index import report_path, write_report
+from cinedit.data.meta import read_meta, write_meta
+from cinedit.data.sample import build_sample_data
+from cinedit.data.sampler import build_dataloader, build_sampler
+from cinedit.data.video import to_uint8
+from cinedit.demo import report as demo_report
+from cinedit.demo import tokenizer as demo_tokenizer
+from cinedit.demo.plan import (
+    CACHE_DIR,
+    DEFAULT_MINUTES,
+    EVAL_DIR,
+    FPS,
+    I2V_PHOTO,
+    INPAINT_CLIP,
+    INPAINT_MASK,
+    REPORT_FILE,
+    SAMPLE_ASPECT,
+    SAMPLE_FRAMES,
+    SAMPLE_RESOLUTION,
+    SAMPLES_DIR,
+    SCALED_TOKENIZER,
+    STAGE_TITLES,
+    STAGES,
+    STATE_FILE,
+    T2V_CLIP,
+    TEXT_ENCODER,
+    TOKENIZER_DIR,
+    TOKENIZER_PRESET,
+    DemoError,
+    Plan,
+    _settings,
+    command_line,
+    every,
+    header,
+    sample_size,
+)
+from cinedit.eval.figures import save_png
+from cinedit.eval.vbench import temporal_flickering
+from cinedit.generator import train as generator_train
+from cinedit.generator.cache_cmd import build_cache
+from cinedit.generator.generate import output_path
+from cinedit.runtime.checkpoint import latest_checkpoint
+from cinedit.runtime.dist import destroy_distributed
+from cinedit.runtime.files import save_config, write_json
+from cinedit.tokenizer import train as tokenizer_train
 
 
 class Run:
@@ -117,10 +105,7 @@ class Run:
         self.save()
 
     def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_name(f".{STATE_FILE}.tmp")
-        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        tmp.replace(self.state_path)
+        write_json(self.state_path, self.state)
 
     @contextmanager
     def phase(self, key: str, steps: int = 0, record: bool = True):
@@ -137,25 +122,12 @@ class Run:
             self.save()
 
 
-class DemoError(RuntimeError):
-    """A run directory the demo cannot use as asked; the message says what to do."""
-
-
-def _settings(plan: dict) -> str:
-    return f"--minutes {plan.get('minutes')} --seed {plan.get('seed')} --device {plan.get('device')}"
-
-
-def command_line(prog: str, argv: list[str]) -> str:
-    return shlex.join(["cinedit", *prog.split(), *argv])
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. data
 
 
 def demo_buckets():
     """Buckets sized for the sample clips (25-30 fps, 30-66 frames, 176x144 to 640x360) on a CPU."""
-    from cinedit.configs import BucketConfig
 
     return BucketConfig(
         table={
@@ -167,14 +139,6 @@ def demo_buckets():
 
 def run_data(run: Run) -> dict[str, Any]:
     """Sample data, curation, one bucketed epoch (`batches.png`) and decoding speed; returns what the report needs."""
-    from cinedit.configs import DataConfig, save_config
-    from cinedit.data.bench import bench_decode
-    from cinedit.data.dataset import VideoDataset
-    from cinedit.data.filter import filter_meta
-    from cinedit.data.index import report_path, write_report
-    from cinedit.data.meta import read_meta, write_meta
-    from cinedit.data.sample import build_sample_data
-    from cinedit.data.sampler import build_dataloader, build_sampler
 
     data_dir, out = run.out / "data", run.out
     meta, filtered, summary = data_dir / "meta.csv", data_dir / "meta_filtered.csv", data_dir / "summary.json"
@@ -220,15 +184,12 @@ def run_data(run: Run) -> dict[str, Any]:
             "epoch_shapes": dict(sorted(shapes.items())),
             "bench": bench["clips"],
         }
-        _write_json(summary, doc)
+        write_json(summary, doc)
     return doc
 
 
 def _strip(video) -> np.ndarray:
     """First, middle and last frame of a (C, T, H, W) clip side by side, at 96 px high, uint8."""
-    from PIL import Image
-
-    from cinedit.data.video import to_uint8
 
     frames = to_uint8(video)
     picks = [frames[0], frames[len(frames) // 2], frames[-1]]
@@ -238,19 +199,9 @@ def _strip(video) -> np.ndarray:
 
 
 def _save_sheet(rows: list[np.ndarray], path: Path) -> None:
-    from PIL import Image
-
     width = max(r.shape[1] for r in rows)
     padded = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    Image.fromarray(np.concatenate(padded, axis=0)).save(tmp)
-    tmp.replace(path)
-
-
-def _write_json(path: Path, doc: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(path)
+    save_png(Image.fromarray(np.concatenate(padded, axis=0)), path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -300,11 +251,12 @@ def cache_owner(stage: str) -> str:
     return next(s for s in STAGES if buckets[s] == buckets[stage])
 
 
+TRAINERS = {"tokenizer": tokenizer_train, "generator": generator_train}
+
+
 def resolve_config(kind: str, argv: list[str]) -> tuple[Any, str]:
     """(config, preset name) exactly as `cinedit <kind> train ARGV` resolves them."""
     import importlib
-
-    from cinedit.configs import config_from_argv
 
     importlib.import_module(f"cinedit.{kind}.train")  # registers the presets
     return config_from_argv(kind, argv)
@@ -318,8 +270,6 @@ def finished(kind: str, out_dir: Path) -> bool:
 
 def train(run: Run, key: str, kind: str, argv: list[str]) -> Path:
     """Run (or continue from its last checkpoint, or reuse) one training run; returns its run directory."""
-    import importlib
-
     cfg, name = resolve_config(kind, argv)
     out_dir = Path(cfg.train.out_dir)
     if finished(kind, out_dir):
@@ -330,20 +280,18 @@ def train(run: Run, key: str, kind: str, argv: list[str]) -> Path:
     if start:
         print(f"continuing {out_dir} from its checkpoint at step {start} of {cfg.train.steps}", flush=True)
     with run.phase(key, steps=cfg.train.steps - start):
-        importlib.import_module(f"cinedit.{kind}.train").fit(cfg, name)
+        TRAINERS[kind].fit(cfg, name)
     return out_dir
 
 
 def checkpoint_step(run_dir: Path) -> int:
-    from cinedit import runtime
 
-    ckpt = runtime.latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir)
     return int(json.loads((ckpt / "state.json").read_text())["step"]) if ckpt is not None else 0
 
 
 def run_tokenizer(run: Run) -> dict[str, Any]:
     """Untrained reconstructions, training, trained reconstructions, the baseline and the strips."""
-    from cinedit import demo_tokenizer
 
     header(f"tokenizer: the `{TOKENIZER_PRESET}` Video DC-AE from scratch, {run.plan.tokenizer_steps} steps")
     argv = tokenizer_argv(run)
@@ -372,7 +320,6 @@ def run_tokenizer(run: Run) -> dict[str, Any]:
 
 def run_cache(run: Run, stage: str) -> dict[str, int]:
     """`cinedit data cache` at the stage's buckets with the trained tokenizer; it skips what is already cached."""
-    from cinedit.data.cache_cmd import build_cache
 
     cfg, _ = resolve_config("generator", stage_argv(run, stage))
     out = Path(cfg.data.cache_dir)
@@ -404,8 +351,6 @@ def run_cache(run: Run, stage: str) -> dict[str, int]:
 
 def sample_jobs(run: Run) -> list[dict[str, Any]]:
     """The three samples: name, prompt, the `cinedit generator sample` arguments and the output path."""
-    from cinedit.data.meta import read_meta
-    from cinedit.generator.generate import output_path
 
     meta = read_meta(run.out / "data" / "meta_filtered.csv")
     by_name = {Path(p).stem: (str(p), str(t)) for p, t in zip(meta["path"], meta["text"])}
@@ -445,35 +390,27 @@ def sample_jobs(run: Run) -> list[dict[str, Any]]:
     return out
 
 
-def sample_size() -> tuple[int, int]:
-    from cinedit.generator.generate import output_size
-
-    return output_size(SAMPLE_RESOLUTION, SAMPLE_ASPECT)
-
-
 def run_samples(run: Run) -> list[dict[str, Any]]:
     """`cinedit generator sample` for each sample whose mp4 is not there yet."""
-    from cinedit.demo_tokenizer import reference_clips
-    from cinedit.generator import cli as generator_cli
 
     header(f"samples: {SAMPLE_FRAMES} frames at the {SAMPLE_RESOLUTION} {SAMPLE_ASPECT} bucket")
     jobs = sample_jobs(run)
     real = [j for j in jobs if j["real"]]
-    reference_clips([j["source"] for j in real], [Path(j["real"]) for j in real], sample_size(), SAMPLE_FRAMES, FPS)
+    sources, dests = [j["source"] for j in real], [Path(j["real"]) for j in real]
+    demo_tokenizer.reference_clips(sources, dests, sample_size(), SAMPLE_FRAMES, FPS)
     for job in jobs:
         if job["path"].is_file():
             print(f"reusing {job['path']}")
             continue
         print(f"{job['title']}\n$ {command_line('generator', job['argv'])}", flush=True)
         with run.phase("samples"):
-            if generator_cli.main(job["argv"]) != 0:
+            if group_main("generator", job["argv"]) != 0:
                 raise DemoError(f"`cinedit generator sample` failed for the {job['name']} sample (see above)")
     return jobs
 
 
 def run_eval(run: Run, jobs: list[dict[str, Any]]) -> dict[str, Any]:
     """VBench temporal flickering of the samples and, for scale, of real clips at the samples' size and rate."""
-    from cinedit.eval.vbench import temporal_flickering
 
     header("eval: VBench temporal flickering (weight-free, computed in this process)")
     path = run.out / EVAL_DIR / "flicker.json"
@@ -485,7 +422,7 @@ def run_eval(run: Run, jobs: list[dict[str, Any]]) -> dict[str, Any]:
         score, per_video = temporal_flickering([j["path"] for j in jobs], progress=False)
         real_score, real_per_video = temporal_flickering(real, progress=False)
         doc = {"samples": score, "per_sample": per_video, "real": real_score, "per_real": real_per_video}
-        _write_json(path, doc)
+        write_json(path, doc)
     print(f"temporal flickering: samples {score:.4f}, real clips {real_score:.4f}")
     return doc
 
@@ -496,7 +433,6 @@ def run_eval(run: Run, jobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_demo(out: Path, plan: Plan) -> Path:
     """Run (or resume) every step into `out`; returns the report's path."""
-    from cinedit import demo_report, runtime
 
     run = Run(out, plan)
     try:
@@ -512,7 +448,7 @@ def run_demo(out: Path, plan: Plan) -> Path:
         jobs = run_samples(run)
         flicker = run_eval(run, jobs)
     finally:
-        runtime.destroy_distributed()
+        destroy_distributed()
     header("report")
     context = {
         "plan": plan,
@@ -562,7 +498,6 @@ def main(argv: list[str] | None = None) -> int:
     elif (out / REPORT_FILE).is_file():
         print(f"{out} holds a finished demo ({out / REPORT_FILE}); pass --overwrite to run it again from scratch")
         return 0
-    from cinedit.configs import ConfigError
 
     plan = Plan.make(args.minutes, args.seed, args.device)
     try:

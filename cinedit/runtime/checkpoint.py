@@ -1,0 +1,181 @@
+"""Checkpoint folders: written atomically (a temporary folder renamed when complete, a `latest` pointer), pruned,
+and the sharded format every booster writes.
+
+Sharded format (every rank writes whole tensors of its own share, balanced by size; an index maps names to files),
+the same for every plugin and number of processes, so a run resumes on another one:
+
+- ``model-RRRRR-of-WWWWW.safetensors`` + ``model.index.json`` (name -> file): the model state in the working dtype.
+- ``optimizer-RRRRR-of-WWWWW.pt`` (``{name: {key: full tensor}}``) + ``optimizer.index.json`` (param groups with
+  parameter names, name -> file).
+- ``master-RRRRR-of-WWWWW.safetensors`` + ``master.index.json``: the fp32 master weights (ZeRO; their optimizer
+  keeps the masters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cinedit.runtime.dist import DistInfo, barrier
+from cinedit.runtime.files import write_json, write_text
+from cinedit.runtime.rng import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from cinedit.runtime.training import EMA
+
+CKPT_DIR = "ckpt"
+LATEST = "latest"
+STATE_FILE = "state.json"
+INDEX = "{}.index.json"  # model / optimizer / master
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the sharded format
+
+
+def shard_name(kind: str, rank: int, world: int) -> str:
+    return f"{kind}-{rank:05d}-of-{world:05d}" + (".pt" if kind == "optimizer" else ".safetensors")
+
+
+def shard_owners(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Which rank writes each tensor: largest first to the least loaded rank (the same answer on every rank)."""
+    load, owners = [0] * world, {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        owners[name], load[r] = r, load[r] + sizes[name]
+    return owners
+
+
+def write_index(path: Path, kind: str, weight_map: dict[str, str], **extra: Any) -> None:
+    (Path(path) / INDEX.format(kind)).write_text(json.dumps({**extra, "weight_map": weight_map}, indent=1) + "\n")
+
+
+def read_index(path: Path, kind: str) -> dict[str, Any]:
+    index = Path(path) / INDEX.format(kind)
+    if not index.is_file():
+        raise FileNotFoundError(f"{path} holds no {kind} checkpoint ({index.name} is missing)")
+    return json.loads(index.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checkpoint folders
+
+
+def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """`<run_dir>/ckpt/step-000010`."""
+    return Path(run_dir) / CKPT_DIR / f"step-{step:06d}"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint named by `<run_dir>/ckpt/latest`, or None."""
+    pointer = Path(run_dir) / CKPT_DIR / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(run_dir) / CKPT_DIR / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path], None], info: DistInfo) -> Path:
+    """Write a checkpoint atomically: `write(tmp_dir)` runs on every rank into `.step-N.tmp`, which rank 0 renames
+    to `step-N` and then points `latest` at. A crash inside `write` leaves only the temporary folder behind
+    (removed by the next save) and `latest` on the previous checkpoint.
+    """
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if info.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    write(tmp)
+    barrier()
+    if info.is_main:
+        if final.exists():  # the same step saved again (a resumed run): replace the old copy
+            old = final.with_name(f".{final.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        write_text(final.parent / LATEST, final.name + "\n")
+    barrier()
+    return final
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (never the `latest` one); keep <= 0 keeps all."""
+    if keep <= 0:
+        return
+    root = Path(run_dir) / CKPT_DIR
+    latest = latest_checkpoint(run_dir)
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for p in steps[:-keep]:
+        if latest is None or p.resolve() != latest.resolve():
+            shutil.rmtree(p)
+
+
+def save_training(
+    run_dir: str | os.PathLike,
+    step: int,
+    info: DistInfo,
+    parts: dict[str, tuple[Any, nn.Module, Any]],
+    ema: EMA | None,
+    state: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """One atomic checkpoint of a training run (collective): for each `parts` entry `folder: (booster, model,
+    optimizer)` the model and optimizer (sharded), every rank's RNG states, the EMA weights and `state.json` (step,
+    EMA updates, world size, plugin, plus the trainer's `state`, e.g. loader positions). Then all but the newest
+    `keep` checkpoints are removed (0: keep all)."""
+
+    def write(path: Path) -> None:
+        for folder, (booster, model, optimizer) in parts.items():
+            (path / folder).mkdir(exist_ok=True)
+            booster.save_model(model, path / folder)
+            booster.save_optimizer(optimizer, path / folder)
+        (path / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), path / "rng" / f"rank-{info.rank:05d}.pt")
+        if info.is_main:
+            if ema is not None:
+                weights = {k: v.contiguous().cpu() for k, v in ema.module.state_dict().items()}
+                save_file(weights, str(path / "ema.safetensors"))
+            plugin = next(iter(parts.values()))[0].name
+            doc = {"step": step, "ema_updates": ema.updates if ema is not None else 0, **state}
+            write_json(path / STATE_FILE, {**doc, "world_size": info.world_size, "plugin": plugin})
+
+    out = save_checkpoint(run_dir, step, write, info)
+    if info.is_main:
+        prune_checkpoints(run_dir, keep)
+    return out
+
+
+def load_training(
+    path: Path, info: DistInfo, parts: dict[str, tuple[Any, nn.Module, Any]], ema: EMA | None
+) -> dict[str, Any]:
+    """Load what `save_training` wrote into `parts` and `ema` (under any process count); returns `state.json`.
+
+    A part whose folder the checkpoint lacks (e.g. a discriminator added later) keeps its fresh state; a rank
+    without a saved RNG file (more processes than were saved) keeps its seeded RNG.
+    """
+    doc = json.loads((path / STATE_FILE).read_text())
+    for i, (folder, (booster, model, optimizer)) in enumerate(parts.items()):
+        if i == 0 or (path / folder).is_dir():
+            booster.load_model(model, path / folder)
+            booster.load_optimizer(optimizer, path / folder)
+    if ema is not None:
+        ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
+        ema.updates = int(doc["ema_updates"])
+    rng = path / "rng" / f"rank-{info.rank:05d}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=False))
+    return doc

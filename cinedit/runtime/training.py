@@ -1,0 +1,226 @@
+"""The training loop both trainers run (`run_training` with a trainer's `TrainHooks`), the run-directory checks
+before it, the EMA and the endless loader iterator."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cinedit.configs import ConfigError, load_config, to_dict
+from cinedit.runtime.checkpoint import CKPT_DIR, STATE_FILE, latest_checkpoint
+from cinedit.runtime.dist import DistInfo, barrier, init_distributed
+from cinedit.runtime.files import save_config
+from cinedit.runtime.logs import METRICS_FILE, MetricsLogger, progress_bar
+
+# ----------------------------------------------------------------------------------------------------------------------
+# EMA
+
+
+class EMA:
+    """Exponential moving average of a model's weights, kept in fp32 on the model's device.
+
+    With `warmup`, the decay of update n is min(decay, (1 + n) / (10 + n)), so early averages are not
+    dominated by the random initialisation (it reaches 0.99 after ~900 updates).
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.99, warmup: bool = True):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p.detach().float(), 1 - decay)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def forever(loader: Any) -> Iterator[Any]:
+    """Iterate a (resumable) loader epoch after epoch; each new `iter` starts at the loader's saved position."""
+    empty_passes = 0
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        # A loader resumed exactly at the end of an epoch yields nothing once, then starts the next epoch.
+        empty_passes = empty_passes + 1 if empty else 0
+        if empty_passes > 1:
+            raise RuntimeError(
+                "the data loader yielded no batch in a whole epoch: too few samples for the bucket batch sizes "
+                "(or every sample was dropped); add data or lower the batch sizes"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# run directories and the train command (shared by the tokenizer and generator trainers)
+
+RUN_PRODUCTS = ("config.json", METRICS_FILE, CKPT_DIR, "tb", "model")
+SAMPLE_DATA = "sample_data"  # where presets without a meta build the sample dataset, inside out_dir
+
+
+def _comparable(cfg: Any, run_control: tuple[str, ...]) -> dict[str, Any]:
+    doc = to_dict(cfg)
+    for path in run_control:
+        section, name = path.split(".")
+        doc[section].pop(name, None)
+    return doc
+
+
+def prepare_run_dir(cfg: Any, info: DistInfo, run_control: tuple[str, ...]) -> Path | None:
+    """Check `cfg.train.out_dir` and return the checkpoint to resume from (None: fresh run).
+
+    A fresh run needs an out_dir without a previous run's results; `train.overwrite` removes them (only the run's
+    own products). A resumed run must have been started with the same config, up to the `run_control` fields
+    (dotted paths such as "train.steps") that a continuation may change.
+    """
+    out = Path(cfg.train.out_dir)
+    products = [out / p for p in RUN_PRODUCTS if (out / p).exists()]
+    others = [p for p in out.iterdir() if p.name not in (*RUN_PRODUCTS, SAMPLE_DATA)] if out.is_dir() else []
+    if cfg.train.overwrite:
+        if info.is_main:
+            for p in products:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        barrier()
+        products = []
+    if others:
+        raise ConfigError(
+            f"train.out_dir {out} holds files that are not a training run's ({', '.join(p.name for p in others[:4])}); "
+            f"pick an empty or new out_dir"
+        )
+    if not cfg.train.resume:
+        if products:
+            raise ConfigError(
+                f"train.out_dir {out} already holds a run; continue it with --train.resume=auto, or replace its "
+                f"results with --train.overwrite=true"
+            )
+        return None
+    if cfg.train.resume == "auto":
+        ckpt = latest_checkpoint(out)
+    else:
+        ckpt = Path(cfg.train.resume)
+        if not (ckpt / STATE_FILE).is_file():
+            raise ConfigError(f"train.resume: {ckpt} is not a checkpoint folder (no state.json)")
+    saved = out / "config.json"
+    if ckpt is not None or products:
+        if not saved.is_file():
+            raise ConfigError(f"train.out_dir {out} has results but no config.json; cannot check it is this run")
+        old, new = _comparable(load_config(saved, type(cfg)), run_control), _comparable(cfg, run_control)
+        if old != new:
+            diff = sorted(f"{s}.{k}" for s in old for k in set(old[s]) | set(new[s]) if old[s].get(k) != new[s].get(k))
+            raise ConfigError(
+                f"train.out_dir {out} holds a run with a different config (differs in {', '.join(diff[:6])}); "
+                f"resume with its own config (pass the run directory), or use another out_dir"
+            )
+    return ckpt
+
+
+@dataclass
+class TrainHooks:
+    """What a trainer plugs into `run_training`; `tr` is the trainer's own state object (it has a `step`)."""
+
+    kind: str  # "tokenizer" | "generator": the progress bar's name
+    run_control: tuple[str, ...]  # config fields a resumed run may change (see `prepare_run_dir`)
+    build: Callable[[Any, DistInfo], Any]  # (cfg, info) -> tr
+    batches: Callable[[Any], Callable[[int], Any]]  # tr -> next_batch(step), a fresh iterator after loading
+    train_step: Callable[[Any, Any, int], dict[str, float]]  # (tr, batch, step) -> scalars
+    evaluate: Callable[[Any], dict[str, Any]]  # tr -> scalars, plus (3, H, W) image tensors to log
+    save: Callable[[Any, Path], Path]  # (tr, run_dir) -> checkpoint folder, atomically (`save_checkpoint`)
+    load: Callable[[Any, Path], None]  # (tr, checkpoint folder)
+    export: Callable[[Any, Path], None]  # (tr, out_dir / "model"), main rank only, after the last step
+    loss_key: str = "loss"  # the scalar the progress bar shows
+
+
+def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) -> dict[str, float]:
+    """The loop both trainers run: run-dir checks, resume, steps, logging, evaluation, checkpoints, export.
+
+    Returns the last logged scalars and evaluation metrics, plus `seconds`. A step's `tokens` scalar (if any) is
+    logged as `tokens_per_s` over the step's wall time, data loading included.
+    """
+    info = init_distributed(cfg.train.device)
+    t0 = time.time()
+    ckpt = prepare_run_dir(cfg, info, hooks.run_control)
+    barrier()  # every rank has checked out_dir before the main rank writes into it
+    out = Path(cfg.train.out_dir)
+    if info.is_main:
+        save_config(cfg, out, preset=preset_name)
+    tr = hooks.build(cfg, info)
+    logger = MetricsLogger(out, enabled=info.is_main)
+    if ckpt is not None:
+        try:
+            hooks.load(tr, ckpt)
+        except FileNotFoundError as e:
+            raise ConfigError(
+                f"cannot resume from {ckpt}: {e}. It may have been written before checkpoints were sharded: "
+                f"continue it with the cinedit version that wrote it, or start over with --train.overwrite=true"
+            ) from None
+        logger.truncate_after(tr.step)
+    else:
+        logger.reset()
+    tc = cfg.train
+    summary: dict[str, float] = {}
+
+    def run_eval() -> None:
+        metrics = hooks.evaluate(tr)
+        scalars = {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
+        if scalars:
+            logger.log(tr.step, scalars)
+            summary.update(scalars)
+        for tag, img in metrics.items():
+            if isinstance(img, torch.Tensor):
+                logger.image(tag, img, tr.step)
+
+    if tr.step == 0 and tc.eval_every:
+        run_eval()
+    next_batch = hooks.batches(tr)
+    bar = progress_bar(tc.steps, min(tr.step, tc.steps), tc.progress and info.is_main, hooks.kind)
+    try:
+        while tr.step < tc.steps:
+            step = tr.step + 1
+            t_step = time.perf_counter()
+            scalars = hooks.train_step(tr, next_batch(step), step)
+            if "tokens" in scalars:
+                scalars["tokens_per_s"] = scalars.pop("tokens") / (time.perf_counter() - t_step)
+            tr.step = step
+            bar.update(1)
+            if tc.log_every and step % tc.log_every == 0:
+                logger.log(step, scalars)
+                summary.update(scalars)
+                bar.set_postfix(loss=f"{scalars[hooks.loss_key]:.4f}")
+            if tc.eval_every and step % tc.eval_every == 0:
+                run_eval()
+            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
+                hooks.save(tr, out)
+    finally:
+        bar.close()
+        logger.close()
+    if info.is_main:
+        hooks.export(tr, out / "model")
+    barrier()
+    summary["seconds"] = time.time() - t0
+    return summary

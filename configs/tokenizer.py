@@ -1,0 +1,205 @@
+"""The tokenizer trainer's run schema and presets: `cinedit tokenizer train debug|f32t4c128 ...`.
+
+Each preset is a function returning a `TokenizerTrainConfig`; `PRESETS` registers them (see `cinedit.configs`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cinedit.configs.core import ConfigError
+from cinedit.configs.data import BucketConfig, DataConfig
+from cinedit.configs.parallel import ParallelConfig
+from cinedit.configs.train import RUN_CONTROL, EMAConfig, LoopConfig
+
+# The Video DC-AE presets of `cinedit.tokenizer.model.PRESETS` (a test keeps the two in step).
+DCAE_PRESETS = ("f32t4c128", "f32t4c256", "debug")
+# `tokenizer.path` / `cinedit data cache --tokenizer` value for the debug preset with random (seeded) weights.
+DEBUG_TOKENIZER = "debug"
+LPIPS_NETS = ("alex", "vgg")
+# Fields a resumed tokenizer run may change: the loop's, and the start of the adversarial phase (phase 2 continues
+# a phase-1 run).
+TOKENIZER_RUN_CONTROL = (*RUN_CONTROL, "disc.start")
+
+
+@dataclass
+class LPIPSConfig:
+    """Which LPIPS network to build and where its local weight files are."""
+
+    net: str = "alex"
+    backbone: str = ""  # torchvision-format ImageNet checkpoint; "" looks in the torch hub cache
+    heads: str = ""  # linear heads; "" uses the lpips package's weights/v0.1/<net>.pth
+
+    def validate(self) -> None:
+        if self.net not in LPIPS_NETS:
+            raise ConfigError(f"LPIPSConfig.net must be one of {sorted(LPIPS_NETS)}, got {self.net!r}")
+
+
+@dataclass
+class TokenizerModelConfig:
+    """Which Video DC-AE to train and what to start from."""
+
+    preset: str = "f32t4c128"  # a cinedit.tokenizer.PRESETS name
+    # "" (random init), our model folder (save_pretrained), a release .safetensors file, or an image DC-AE
+    # folder / hub id that diffusers' AutoencoderDC loads (inflated to 3D).
+    init_from: str = ""
+
+    def validate(self) -> None:
+        if self.preset not in DCAE_PRESETS:
+            raise ConfigError(f"model.preset must be one of {sorted(DCAE_PRESETS)}, got {self.preset!r}")
+
+
+@dataclass
+class TokenizerDataConfig(DataConfig):
+    """Training data plus the held-out clips: a seeded share of the videos, never trained on (images all train)."""
+
+    val_fraction: float = 0.05
+    val_max: int = 64  # at most this many held-out clips
+    square: bool = True  # crop every bucket to a square of the same pixel count (DC-AE trains on square crops)
+    eval_frames: int = 32  # held-out clips are read at (eval_frames, eval_size, eval_size)
+    eval_size: int = 256
+    eval_batch: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.eval_size % 32 or self.eval_size < 32:
+            raise ConfigError(f"data.eval_size must be a positive multiple of 32, got {self.eval_size}")
+        if self.eval_frames != 1 and self.eval_frames % 4:
+            raise ConfigError(f"data.eval_frames must be 1 or a multiple of 4, got {self.eval_frames}")
+        if self.eval_batch < 1:
+            raise ConfigError(f"data.eval_batch must be >= 1, got {self.eval_batch}")
+
+
+@dataclass
+class LossConfig:
+    """Reconstruction loss weights; LPIPS uses VGG16 (its ImageNet backbone is a local file, see `lpips`)."""
+
+    l1_weight: float = 1.0
+    lpips_weight: float = 0.5
+    lpips: LPIPSConfig = field(default_factory=lambda: LPIPSConfig(net="vgg"))
+    lpips_frames_per_batch: int = 0  # chunk LPIPS over frames to bound memory (0: all at once)
+
+    def validate(self) -> None:
+        if self.l1_weight < 0 or self.lpips_weight < 0:
+            raise ConfigError(f"loss weights must be >= 0, got l1 {self.l1_weight}, lpips {self.lpips_weight}")
+
+
+@dataclass
+class DiscConfig:
+    """The adversarial phase: a 3D PatchGAN trained with the hinge loss from step `start` on."""
+
+    start: int = -1  # first step with the adversarial loss; -1: never (phase 1 only)
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    weight: float = 0.05  # multiplies the adaptive weight
+    max_adaptive: float = 1e4  # adaptive weight clamp [0, max_adaptive]
+    layers: int = 5
+    filters: int = 64
+
+    def validate(self) -> None:
+        if self.start < -1:
+            raise ConfigError(f"disc.start must be a step >= 0, or -1 for no adversarial phase, got {self.start}")
+        if self.layers < 1 or self.filters < 1:
+            raise ConfigError(f"disc.layers and disc.filters must be >= 1, got {self.layers}, {self.filters}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.start >= 0
+
+
+@dataclass
+class TokenizerOptimConfig:
+    """AdamW for the autoencoder."""
+
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # gradient clipping is parallel.grad_clip (ZeRO clips inside its step)
+
+
+@dataclass
+class TokenizerLoopConfig(LoopConfig):
+    """The loop (`LoopConfig`), with the share of image steps and TensorBoard previews."""
+
+    out_dir: str = "runs/tokenizer"
+    image_share: float = 0.2  # share of steps (one process) or of ranks (several) on image batches
+    log_images: int = 1  # held-out reconstructions written to TensorBoard at each evaluation
+
+    def validate(self) -> None:
+        super().validate()
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if not 0 <= self.image_share <= 1:
+            raise ConfigError(f"train.image_share must be in [0, 1], got {self.image_share}")
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """A Video DC-AE training run."""
+
+    model: TokenizerModelConfig = field(default_factory=TokenizerModelConfig)
+    data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    disc: DiscConfig = field(default_factory=DiscConfig)
+    optim: TokenizerOptimConfig = field(default_factory=TokenizerOptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TokenizerLoopConfig = field(default_factory=TokenizerLoopConfig)
+    # ZeRO / DDP plugin, bf16 and gradient clipping (cinedit.runtime.booster); no context parallelism here.
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        if self.parallel.cp_size != 1:
+            raise ConfigError(
+                "parallel.cp_size must be 1 for the tokenizer: its clips are short enough for one process (long "
+                "inputs are tiled at inference)"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# presets
+
+
+def f32t4c128() -> TokenizerTrainConfig:
+    """The release recipe (DESIGN.md "Facts: Video DC-AE"): 256px square clips of 32 frames and 256px images.
+
+    Phase 1 (reconstruction) by default; phase 2 is `--disc.start=STEP` (also when resuming a phase-1 run).
+    Needs `--data.meta=...` and the VGG16 backbone (`--loss.lpips.backbone=/path/to/vgg16-397923af.pth`).
+    Batch sizes per GPU (1 clip, 4 images) are our choice; the release does not state them.
+    """
+    return TokenizerTrainConfig(
+        model=TokenizerModelConfig(preset="f32t4c128"),
+        data=TokenizerDataConfig(buckets=BucketConfig(table={"256px": {1: (1.0, 4), 32: (1.0, 1)}}), num_workers=4),
+        train=TokenizerLoopConfig(out_dir="runs/tokenizer_f32t4c128"),
+    )
+
+
+def debug() -> TokenizerTrainConfig:
+    """The debug model on the sample data (built into `<out_dir>/sample_data` unless `--data.meta` is given):
+    64px square 8-frame clips and images, 20 steps, adversarial phase from step 5.
+
+    LPIPS weight 0: no ImageNet VGG16 weights exist on the development machine; give
+    `--loss.lpips_weight=0.5 --loss.lpips.backbone=PATH` where they do. lr 1e-3 so a few steps show progress.
+    """
+    return TokenizerTrainConfig(
+        model=TokenizerModelConfig(preset="debug"),
+        data=TokenizerDataConfig(
+            buckets=BucketConfig(table={"64px": {1: (1.0, 4), 8: (1.0, 2)}}),
+            num_workers=0,
+            val_fraction=0.25,
+            val_max=4,
+            eval_frames=8,
+            eval_size=64,
+            eval_batch=2,
+        ),
+        loss=LossConfig(lpips_weight=0.0),
+        disc=DiscConfig(start=5, filters=8),
+        optim=TokenizerOptimConfig(lr=1e-3),
+        train=TokenizerLoopConfig(steps=20, log_every=1, eval_every=10, ckpt_every=10, out_dir="runs/tokenizer_debug"),
+    )
+
+
+PRESETS: dict[str, Callable[[], TokenizerTrainConfig]] = {"debug": debug, "f32t4c128": f32t4c128}
