@@ -47,24 +47,24 @@ class TextEncoderConfig:
 
     def validate(self) -> None:
         if self.kind not in TEXT_KINDS:
-            raise ConfigError(f"text.kind must be one of {TEXT_KINDS}, got {self.kind!r}")
+            raise ConfigError(f"text: kind must be one of {TEXT_KINDS}, got {self.kind!r}")
         if self.dtype not in TEXT_DTYPES:
-            raise ConfigError(f"text.dtype must be one of {TEXT_DTYPES}, got {self.dtype!r}")
+            raise ConfigError(f"text: dtype must be one of {TEXT_DTYPES}, got {self.dtype!r}")
         if self.max_length < 1:
-            raise ConfigError(f"text.max_length must be positive, got {self.max_length}")
+            raise ConfigError(f"text: max_length must be positive, got {self.max_length}")
         if self.cache_size < 0:
-            raise ConfigError(f"text.cache_size must be >= 0, got {self.cache_size}")
+            raise ConfigError(f"text: cache_size must be >= 0, got {self.cache_size}")
         if self.batch_size < 1:
-            raise ConfigError(f"text.batch_size must be positive, got {self.batch_size}")
+            raise ConfigError(f"text: batch_size must be positive, got {self.batch_size}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except RuntimeError as e:
                 raise ConfigError(
-                    f"text.device must be 'auto' or a torch device such as 'cpu', 'cuda:0': {e}"
+                    f"text: device must be 'auto' or a torch device such as 'cpu', 'cuda:0': {e}"
                 ) from None
         if self.kind == "t5_clip" and not (self.t5 and self.clip):
-            raise ConfigError("text.kind='t5_clip' needs both t5 and clip (hub ids or local folders)")
+            raise ConfigError("text: kind='t5_clip' needs both t5 and clip (hub ids or local folders)")
 
 
 # Text-encoder presets (`--text-encoder NAME`, `cinedit.generator.text.load_text_encoder(NAME)`).

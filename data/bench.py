@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -14,6 +13,7 @@ import torch
 
 from cinedit.data.meta import read_meta
 from cinedit.data.video import frame_stride, num_sampled_frames, read_video
+from cinedit.runtime.files import write_json
 
 
 def bench_decode(
@@ -77,5 +77,5 @@ def _main(args: argparse.Namespace) -> int:
         print(f"{r['path']:<28} {r['source']:<16} stride {r['stride']}  {r['frames_per_s']:>7.1f} frames/s")
     print(f"mean: {res['mean_frames_per_s']} frames/s ({args.num_frames} frames at {args.size[0]}x{args.size[1]})")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        write_json(args.json, res)
     return 0

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from cinedit.data.meta import COLUMNS, SUFFIXES, MetaError, write_meta
 from cinedit.data.video import ClipReader, MediaError, VideoInfo, is_image, is_video, probe
+from cinedit.runtime.files import atomic_path
 
 REPORT_COLUMNS = ["path", "reason", "detail"]
 
@@ -43,10 +44,8 @@ def report_path(out: str | os.PathLike) -> Path:
 def write_report(entries: list[dict], path: str | os.PathLike) -> Path:
     """Write report entries (`path,reason,detail`) as CSV, atomically; an empty report still gets its header."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(entries, columns=REPORT_COLUMNS).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pd.DataFrame(entries, columns=REPORT_COLUMNS).to_csv(tmp, index=False)
     return path
 
 
@@ -63,7 +62,7 @@ def find_media(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     found = []
     for folder, dirs, files in os.walk(root):
-        # Hidden entries are editor, OS or half-written temporary files (write_video's `.name.tmp.mp4`).
+        # Hidden entries are editor, OS or half-written temporary files (`atomic_path`'s `.<stem>.tmp.mp4`).
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in files:
             if not name.startswith(".") and (is_video(name) or is_image(name)):

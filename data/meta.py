@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cinedit.runtime.files import atomic_path
+
 # Required columns, in order (DESIGN.md). aspect_ratio is height / width; resolution is height * width.
 COLUMNS = ["path", "text", "num_frames", "height", "width", "aspect_ratio", "resolution", "fps"]
 # Optional cache columns written by `cinedit data cache`.
@@ -60,13 +62,11 @@ def write_meta(df: pd.DataFrame, path: str | os.PathLike, overwrite: bool = Fals
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise MetaError(f"cannot write {path}: missing columns {missing}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = COLUMNS + [c for c in df.columns if c not in COLUMNS]
     df = df[cols]
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix.lower() == ".parquet":
-        df.to_parquet(tmp, index=False)
-    else:
-        df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if path.suffix.lower() == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
     return path

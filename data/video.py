@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cinedit.runtime.files import atomic_path
+
 VIDEO_EXTS = {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp"}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 TARGET_FPS = 24  # clips are sampled at stride ceil(fps / 24) so that training sees roughly 24 fps
@@ -349,10 +351,8 @@ def write_video(
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.mp4'}")
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(tmp), mode="w", format="mp4") as out:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         # One encoder thread, explicit conversion and timestamps make the output reproducible, except that the
@@ -368,5 +368,4 @@ def write_video(
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    os.replace(tmp, path)
     return path

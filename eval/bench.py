@@ -16,15 +16,18 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
+import torch.nn.functional as F
 
 from cinedit.generator.math import make_ids, make_txt_ids
 from cinedit.generator.model import PRESETS as MMDIT_PRESETS
 from cinedit.generator.model import MMDiT, MMDiTConfig
 from cinedit.runtime.dist import resolve_device
+from cinedit.runtime.files import write_json, write_text
 from cinedit.tokenizer.model import PRESETS as DCAE_PRESETS
 from cinedit.tokenizer.model import VideoDCAE
 
@@ -280,7 +283,7 @@ def flux_from_config(cfg):
     RoPE axes, no guidance embedding. Flux's MLP ratio is fixed at 4 and its q/k/v always have biases; it has no
     cond_in.
     """
-    from diffusers import FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel  # heavy (diffusers): only the Flux peer of a benchmark needs it
 
     return FluxTransformer2DModel(
         patch_size=1,
@@ -300,12 +303,10 @@ def _train_phase(
     which: str, cfg, grid: tuple[int, int, int], txt_len: int, batch: int, device: str, dtype: str, repeats: int
 ) -> dict:
     """Time training steps (zero grads, forward, MSE loss on a random target, backward; no optimizer step)."""
-    import torch.nn.functional as F
-
     dev, dt = torch.device(device), DTYPES[dtype]
     torch.manual_seed(0)
     if which == "flux":
-        from diffusers.utils import logging as diffusers_logging
+        from diffusers.utils import logging as diffusers_logging  # heavy (diffusers): only with the Flux peer
 
         diffusers_logging.set_verbosity_error()  # its .to(dtype) warns about fp32 modules, of which Flux has none
     model = (MMDiT(cfg) if which == "mmdit" else flux_from_config(cfg)).to(dev, dt).train()
@@ -313,14 +314,14 @@ def _train_phase(
     n = grid[0] * grid[1] * grid[2]
     img = torch.randn(batch, n, cfg.in_channels, device=dev, dtype=dt)
     txt = torch.randn(batch, txt_len, cfg.context_in_dim, device=dev, dtype=dt)
-    y_vec = torch.randn(batch, cfg.vec_in_dim, device=dev, dtype=dt)
+    vec = torch.randn(batch, cfg.vec_in_dim, device=dev, dtype=dt)
     t = torch.rand(batch, device=dev)
     img_ids, txt_ids = make_ids(*grid, batch=batch, device=dev), make_txt_ids(batch, txt_len, device=dev)
     target = torch.randn(batch, n, cfg.in_channels, device=dev)
     if which == "mmdit":
-        forward = lambda: model(img, img_ids, txt, txt_ids, t, y_vec)  # noqa: E731
+        forward = lambda: model(img, img_ids, txt, txt_ids, t, vec)  # noqa: E731
     else:
-        forward = lambda: model(img, txt, y_vec, t, img_ids[0], txt_ids[0], return_dict=False)[0]  # noqa: E731
+        forward = lambda: model(img, txt, vec, t, img_ids[0], txt_ids[0], return_dict=False)[0]  # noqa: E731
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -459,15 +460,6 @@ def report_markdown(sections: dict) -> str:
 
 def write_report(sections: dict, out: os.PathLike) -> list:
     """bench.json (every measured number) and bench.md in `out`, each written atomically."""
-    import json
-    from pathlib import Path
-
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, text in zip(REPORT_FILES, (json.dumps(sections, indent=2) + "\n", report_markdown(sections))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
-        paths.append(out / name)
-    return paths
+    json_name, md_name = REPORT_FILES
+    return [write_json(out / json_name, sections), write_text(out / md_name, report_markdown(sections))]

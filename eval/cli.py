@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+import torch
 
 from cinedit.eval import bench, recon, vbench
 from cinedit.eval.parity import FixtureError, check_fixture
+from cinedit.runtime.files import write_json
 
 
 def _parity(args: argparse.Namespace) -> int:
-    import torch
-
     torch.manual_seed(0)
     failed = 0
     for path in args.fixtures:
@@ -100,9 +102,6 @@ def _bench_args_error(args: argparse.Namespace) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     error = _bench_args_error(args)
     out = Path(args.out) if args.out else None
     existing = [out / n for n in bench.REPORT_FILES if (out / n).exists()] if out else []
@@ -125,7 +124,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     if args.json:
         res = sections if args.model == "all" else sections[args.model]
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        write_json(args.json, res)
     if out:
         for path in bench.write_report(sections, out):
             print(f"wrote {path}")

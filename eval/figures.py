@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from cinedit.runtime.files import atomic_path
 
 BG, FG, GRID = (255, 255, 255), (20, 20, 20), (200, 200, 200)
 
@@ -18,10 +19,8 @@ def font(size: int = 14) -> ImageFont.ImageFont:
 
 def save_png(image: Image.Image, path: Path) -> Path:
     """Write a PNG atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
 
 

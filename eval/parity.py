@@ -57,8 +57,18 @@ class ParityReport:
         self.results.append(Comparison(name, float(diff.max()), atol, rtol, ok, tuple(actual.shape)))
 
 
+# The fixture-input adapter, the one place where the reference's tensor names meet ours: the reference calls the
+# pooled text vector (CLIP pooled output) `y_vec`, cinedit calls it `vec` from the cache to the model.
+REFERENCE_INPUT_NAMES = {"y_vec": "vec"}
+
+
+def fixture_inputs(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fixture's tensors under our names (REFERENCE_INPUT_NAMES); names already ours are kept."""
+    return {REFERENCE_INPUT_NAMES.get(k, k): v for k, v in tensors.items()}
+
+
 def read_fixture(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
-    """(json, tensors, folder) of a fixture given its .json (or .safetensors) path."""
+    """(json, tensors under our names, folder) of a fixture given its .json (or .safetensors) path."""
     path = Path(path)
     if path.suffix == ".safetensors":
         path = path.with_suffix(".json")
@@ -73,7 +83,7 @@ def read_fixture(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]
     tensor_file = path.parent / meta.get("file", path.with_suffix(".safetensors").name)
     if not tensor_file.is_file():
         raise FixtureError(f"{path}: its tensor file {tensor_file.name} is missing beside it")
-    return meta, load_file(str(tensor_file)), path.parent
+    return meta, fixture_inputs(load_file(str(tensor_file))), path.parent
 
 
 def _weights(meta: dict, tensors: dict[str, torch.Tensor], folder: Path) -> dict[str, torch.Tensor]:

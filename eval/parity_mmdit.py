@@ -1,5 +1,5 @@
 """MMDiT parity: rebuild the generator from a fixture's reference config, load its weights (strict), replay
-`model(img, img_ids, txt, txt_ids, timesteps, y_vec, cond)` and compare the output and the recorded
+`model(img, img_ids, txt, txt_ids, timesteps, vec, cond)` and compare the output and the recorded
 module outputs (forward hooks on the same module paths as the reference's).
 """
 
@@ -16,7 +16,7 @@ from cinedit.generator.model import MMDiT, config_from_reference
 
 # Suggested by the fixtures' README for an fp32 CPU re-implementation (eager timestep embedding).
 MMDIT_TOLERANCE = (2e-5, 0.0)
-INPUTS = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y_vec")
+INPUTS = ("img", "img_ids", "txt", "txt_ids", "timesteps", "vec")  # our names (see parity.fixture_inputs)
 
 
 def _reference_pe(pe: torch.Tensor, layout: str) -> dict[str, torch.Tensor]:
@@ -68,6 +68,7 @@ def check_mmdit(
         )
     for i, block in enumerate(model.single_blocks):
         block.register_forward_hook(lambda _m, _a, out, i=i: keep(f"single_blocks.{i}", out))
+    # The reference's `final_layer.input_vec` is the modulation vector, `mod` here.
     model.final_layer.register_forward_pre_hook(
         lambda _m, args: captured.update({"final_layer.input_x": args[0], "final_layer.input_vec": args[1]})
     )

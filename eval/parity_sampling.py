@@ -150,7 +150,7 @@ def check_sampling_i2v(
     """A full I2V sampling loop on the fixture's tiny MMDiT: schedule, condition, per-step model outputs,
     trajectory and output."""
 
-    needed = ("z", "img", "img_ids", "txt", "txt_ids", "y_vec", "output")
+    needed = ("z", "img", "img_ids", "txt", "txt_ids", "vec", "output")  # our names (see parity.fixture_inputs)
     missing = [name for name in needed if name not in tensors]
     if missing or "mmdit_config" not in meta:
         raise FixtureError(f"sampling fixture lacks {missing or 'mmdit_config'}")
@@ -199,7 +199,7 @@ def check_sampling_i2v(
         outputs.append(raw)
 
     # Rows of the recorded batch: [prompt, negative, negative] (the denoiser uses the first third of img).
-    txt, y_vec = tensors["txt"], tensors["y_vec"]
+    txt, vec = tensors["txt"], tensors["vec"]
     with torch.no_grad():
         out = denoise(
             model,
@@ -207,9 +207,9 @@ def check_sampling_i2v(
             tensors["img_ids"][:b],
             txt[:b],
             tensors["txt_ids"][:b],
-            y_vec[:b],
+            vec[:b],
             txt[b : 2 * b],
-            y_vec[b : 2 * b],
+            vec[b : 2 * b],
             timesteps,
             cfg,
             cond=cond,

@@ -15,9 +15,6 @@ reconstruction and error, amplified 4x, for the worst and the best clip by PSNR)
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from cinedit.data.sample import build_sample_data
 from cinedit.data.video import MediaError, to_uint8
 from cinedit.eval import figures
 from cinedit.runtime.dist import resolve_device
+from cinedit.runtime.files import write_json, write_text
 from cinedit.tokenizer.commands import InputError, find_inputs, load_tokenizer, read_clip, reconstruct
 from cinedit.tokenizer.lpips import LPIPS, LPIPSConfig, LPIPSUnavailable, build_lpips, lpips
 from cinedit.tokenizer.metrics import SSIM_RADIUS, psnr, ssim
@@ -127,17 +126,6 @@ def summarize(scores: list[ClipScore], wall_s: float) -> dict:
     }
 
 
-def _json_safe(x):
-    """JSON has no inf / nan: they are written as the strings "inf" / "nan" (PSNR of identical frames is inf)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_json_safe(v) for v in x]
-    return x
-
-
 def _fmt(x: float | None, digits: int) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
@@ -194,12 +182,6 @@ def strip_png(picks: list[tuple[str, Strip]]) -> figures.Image.Image:
     return figures.stack(panels)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _fail(msg: object, code: int = 2) -> int:
     print(f"cinedit eval recon: error: {msg}", file=sys.stderr)
     return code
@@ -228,8 +210,6 @@ def _lpips_metric(args: argparse.Namespace, device: torch.device) -> tuple[LPIPS
 
 def run_recon(args: argparse.Namespace) -> int:
     """The `recon` subcommand; returns the exit code."""
-    from tqdm import tqdm
-
     out = Path(args.out)
     existing = [out / n for n in OUTPUTS if (out / n).exists()]
     if existing and not args.overwrite:
@@ -290,8 +270,8 @@ def run_recon(args: argparse.Namespace) -> int:
         "lpips_unavailable": lpips_note or None,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "recon.json", json.dumps(_json_safe(report), indent=2) + "\n")
-    _write_text(out / "recon.md", markdown(report))
+    write_json(out / "recon.json", report)
+    write_text(out / "recon.md", markdown(report))
     picks = [("worst", worst)] if worst.score is best.score else [("worst", worst), ("best", best)]
     figures.save_png(strip_png(picks), out / "recon.png")
     mean = report["mean"]

@@ -28,6 +28,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
 from cinedit.data.video import ClipReader, probe
 from cinedit.eval import figures
 from cinedit.eval.vbench_constants import (
@@ -43,6 +46,7 @@ from cinedit.eval.vbench_constants import (
 from cinedit.generator.generate import DTYPES, InputError, generate, latent_shape, output_size, spatial_multiple
 from cinedit.generator.pipeline import load_pipeline
 from cinedit.runtime.dist import resolve_device
+from cinedit.runtime.files import write_json, write_text
 from cinedit.tokenizer.commands import write_frames
 
 DIMENSIONS: tuple[str, ...] = QUALITY + SEMANTIC
@@ -153,8 +157,6 @@ def read_scores(paths: list[str | os.PathLike]) -> dict[str, float]:
 
 def flicker_score(path: str | os.PathLike) -> float:
     """VBench's temporal-flickering score of one video: (255 - mean |frame[t+1] - frame[t]|) / 255."""
-    import numpy as np
-
     info = probe(path, count_frames=True)
     if info.is_image or info.num_frames < 2:
         raise VBenchError(f"{path}: temporal flickering needs a video of at least 2 frames")
@@ -166,8 +168,6 @@ def flicker_score(path: str | os.PathLike) -> float:
 
 def temporal_flickering(videos: list[Path], progress: bool = True) -> tuple[float, list[dict]]:
     """(mean score, per-video results) in VBench's result layout."""
-    from tqdm import tqdm
-
     per_video = [
         {"video_path": str(v), "video_results": flicker_score(v)}
         for v in tqdm(videos, desc="temporal_flickering", unit="video", disable=not progress)
@@ -250,8 +250,6 @@ def videos_for(videos_dir: Path, dimension: str, full_info: Path | None) -> list
 
 def run_generate(args: argparse.Namespace) -> int:
     """The `generate` subcommand; returns the exit code."""
-    from tqdm import tqdm
-
     try:
         if bool(args.prompts) == bool(args.vbench_dir):
             raise VBenchError("give the prompt suite as --prompts FILE or the standard one with --vbench-dir DIR")
@@ -337,15 +335,11 @@ def run_official(args: argparse.Namespace, dim: str, out: Path, full_info: Path 
 
 def write_result(path: Path, dim: str, score: float, per_video: list[dict]) -> None:
     """A result file in VBench's layout: {dim: [score, per-video results]}, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({dim: [score, per_video]}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps({dim: [score, per_video]}, indent=2) + "\n")
 
 
 def run_score(args: argparse.Namespace) -> int:
     """The `score` subcommand; returns the exit code."""
-    from tqdm import tqdm
-
     try:
         dims = _dimensions(args.dimensions)
         videos = Path(args.videos)
@@ -407,9 +401,7 @@ def run_score(args: argparse.Namespace) -> int:
             done.update(read_scores([out / f"{d}{RESULT_SUFFIX}"]))
     for d, s in done.items():
         print(f"  {d:<24} {100 * s:6.2f}%")
-    tmp = out / ".scores.json.tmp"
-    tmp.write_text(json.dumps(done, indent=2) + "\n")
-    os.replace(tmp, out / "scores.json")
+    write_json(out / "scores.json", done)
     if failed:
         print(f"{len(failed)} of {len(dims)} dimension(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -483,11 +475,8 @@ def run_report(args: argparse.Namespace) -> int:
     except VBenchError as e:
         print(f"cinedit eval vbench report: error: {e}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("vbench.json", json.dumps(agg, indent=2) + "\n"), ("vbench.md", markdown(agg, args.results))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    write_json(out / "vbench.json", agg)
+    write_text(out / "vbench.md", markdown(agg, args.results))
     figures.save_png(chart(agg), out / "vbench.png")
     print(
         f"Total {_pct(agg['total'])}, Quality {_pct(agg['quality'])}, Semantic {_pct(agg['semantic'])} "

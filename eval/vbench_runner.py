@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("vbench") is None:
         print(f"no `vbench` package in the environment of {sys.executable}", file=sys.stderr)
         return NO_VBENCH
-    import vbench
+    import vbench  # optional (VBench's own environment), and only after sys.path is fixed above
 
     packaged = os.path.join(os.path.dirname(vbench.__file__), "VBench_full_info.json")
     if args.check:

@@ -1,4 +1,6 @@
-"""cinedit.generator: the MMDiT video generator (model, RoPE/attention math, loading and saving).
+"""cinedit.generator: the MMDiT video generator and what trains and samples it (model, RoPE/attention math, loading,
+text encoders, rectified flow, conditions, sampler, trainer, `cinedit generator sample`, and `cinedit data cache`,
+which needs the tokenizer and the text encoders). Above `cinedit.tokenizer`; the eval suite and the demo build on it.
 
 Importing it (or `cinedit.generator.model`) loads no parallelism: the context-parallel attention and activation
 checkpointing are in `cinedit.generator.parallel`, applied from outside by the trainer.

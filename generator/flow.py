@@ -92,20 +92,21 @@ def flow_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | Non
 
 def caption_dropout(
     txt: torch.Tensor,
-    y_vec: torch.Tensor,
-    empty_txt: torch.Tensor,
-    empty_y_vec: torch.Tensor,
+    vec: torch.Tensor,
+    null_txt: torch.Tensor,
+    null_vec: torch.Tensor,
     prob: float = CAPTION_DROPOUT,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace each sample's T5 states and CLIP vector by the empty prompt's, independently with probability prob.
+    """Replace each sample's T5 states and pooled text vector by the empty prompt's, independently with probability
+    prob.
 
     Args:
-        empty_txt: (L, D) or (1, L, D) T5 states of the empty prompt; empty_y_vec: (D,) or (1, D).
+        null_txt: (L, D) or (1, L, D) T5 states of the empty prompt; null_vec: (D,) or (1, D) its pooled vector.
     """
     batch = txt.shape[0]
     device = generator.device if generator is not None else txt.device
     drop = (torch.rand(2, batch, generator=generator, device=device) < prob).to(txt.device)
-    txt = torch.where(drop[0, :, None, None], empty_txt.reshape(1, *txt.shape[1:]).to(txt), txt)
-    y_vec = torch.where(drop[1, :, None], empty_y_vec.reshape(1, -1).to(y_vec), y_vec)
-    return txt, y_vec
+    txt = torch.where(drop[0, :, None, None], null_txt.reshape(1, *txt.shape[1:]).to(txt), txt)
+    vec = torch.where(drop[1, :, None], null_vec.reshape(1, -1).to(vec), vec)
+    return txt, vec

@@ -229,15 +229,15 @@ class RMSNorm(nn.Module):
 
 
 class Modulation(nn.Module):
-    """vec -> n chunks of (shift, scale, gate), each (b, 1, hidden)."""
+    """mod -> n chunks of (shift, scale, gate), each (b, 1, hidden)."""
 
     def __init__(self, dim: int, n: int):
         super().__init__()
         self.n = n
         self.lin = nn.Linear(dim, 3 * n * dim)
 
-    def forward(self, vec: Tensor) -> list[Tensor]:
-        return self.lin(F.silu(vec))[:, None].chunk(3 * self.n, dim=-1)
+    def forward(self, mod: Tensor) -> list[Tensor]:
+        return self.lin(F.silu(mod))[:, None].chunk(3 * self.n, dim=-1)
 
 
 class SelfAttention(nn.Module):
@@ -277,9 +277,9 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(dim, cfg.num_heads, cfg.qkv_bias)
         self.txt_mlp = mlp(dim, cfg.mlp_hidden)
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(vec)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(vec)
+    def forward(self, img: Tensor, txt: Tensor, mod: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(mod)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(mod)
         img_q, img_k, img_v = self.img_attn.qkv(modulate(img, i_shift1, i_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv(modulate(txt, t_shift1, t_scale1))
         q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
@@ -308,8 +308,8 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(dim, 1)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
-        shift, scale, gate = self.modulation(vec)
+    def forward(self, x: Tensor, mod: Tensor, pe: Tensor) -> Tensor:
+        shift, scale, gate = self.modulation(mod)
         x_mod = modulate(x, shift, scale)
         v, h = self.v_mlp(x_mod).split(self.split, dim=-1)
         q, k, v = (
@@ -327,8 +327,8 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, out_channels)
 
-    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)
+    def forward(self, x: Tensor, mod: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(mod)[:, None].chunk(2, dim=-1)
         return self.linear(modulate(x, shift, scale))
 
 
@@ -373,14 +373,15 @@ class MMDiT(nn.Module):
         txt: Tensor,
         txt_ids: Tensor,
         timesteps: Tensor,
-        y_vec: Tensor,
+        vec: Tensor,
         cond: Tensor | None = None,
     ) -> Tensor:
         """Velocity (b, l_img, in_channels) for packed tokens img at flow time timesteps (b,) in [0, 1].
 
         Args:
             img_ids, txt_ids: (b, l, 3) float (t, h, w) positions; text tokens all at (0, 0, 0).
-            y_vec: (b, vec_in_dim) pooled CLIP vector; txt: (b, l_txt, context_in_dim) T5 states.
+            vec: (b, vec_in_dim) pooled text vector (CLIP pooled output or MiniLM mean).
+            txt: (b, l_txt, context_in_dim) T5 states.
             cond: (b, l_img, cond_channels) packed [mask, masked reference latent] for i2v; None means no
                 condition, the same as an all-zero one (cond_in then adds only its bias).
         """
@@ -395,15 +396,16 @@ class MMDiT(nn.Module):
             img = img + (self.cond_in.bias if cond is None else self.cond_in(cond))
         elif cond is not None:
             raise ValueError("a condition was given but this model has no cond_in (cond_embed=False)")
-        vec = self.time_in(timestep_embedding(timesteps, TIME_DIM).to(img.dtype)) + self.vector_in(y_vec)
+        # mod: what AdaLN modulates with = time embedding + pooled-text embedding (no guidance embedding here).
+        mod = self.time_in(timestep_embedding(timesteps, TIME_DIM).to(img.dtype)) + self.vector_in(vec)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat([txt_ids, img_ids], dim=1))
         for block in self.double_blocks:
-            img, txt = block(img, txt, vec, pe)
+            img, txt = block(img, txt, mod, pe)
         x = torch.cat([txt, img], dim=1)
         for block in self.single_blocks:
-            x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+            x = block(x, mod, pe)
+        return self.final_layer(x[:, txt.shape[1] :], mod)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -408,7 +408,7 @@ class ContextParallel:
         txt: Tensor,
         txt_ids: Tensor,
         timesteps: Tensor,
-        y_vec: Tensor,
+        vec: Tensor,
         cond: Tensor | None = None,
     ) -> Tensor:
         """`model(...)` with the sequence sharded over the group; takes and returns full tensors on every rank."""
@@ -434,7 +434,7 @@ class ContextParallel:
                 txt[:, t0:t1],
                 txt_ids[:, t0:t1],
                 timesteps,
-                y_vec,
+                vec,
                 None if cond is None else shard(cond),
             )
         # Left-pad to m rows so the gathered rows are joint positions; the image is then [l_txt, total).

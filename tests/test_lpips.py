@@ -141,7 +141,7 @@ def test_wrong_architecture_is_a_clear_error(tmp_path):
 
 def test_config_validates_net():
     with pytest.raises(ValueError, match="net must be one of"):
-        LPIPSConfig(net="squeeze")
+        LPIPSConfig(net="squeeze").validate()
 
 
 def test_lpips_function_per_video(tmp_path):

@@ -55,13 +55,13 @@ def count_forwards(encoder: TextEncoder, monkeypatch) -> list[list[str]]:
 
 def test_config_validation():
     with pytest.raises(ValueError, match="kind"):
-        TextEncoderConfig(kind="bert")
+        TextEncoderConfig(kind="bert").validate()
     with pytest.raises(ValueError, match="dtype"):
-        TextEncoderConfig(dtype="fp8")
+        TextEncoderConfig(dtype="fp8").validate()
     with pytest.raises(ValueError, match="max_length"):
-        TextEncoderConfig(max_length=0)
+        TextEncoderConfig(max_length=0).validate()
     with pytest.raises(ValueError, match="device"):
-        TextEncoderConfig(device="gpu0")
+        TextEncoderConfig(device="gpu0").validate()
     with pytest.raises(ValueError, match="preset"):
         load_text_encoder("huge")
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from cinedit.data.video import probe, write_video
 from cinedit.tokenizer import commands
-from cinedit.tokenizer.loading import save_pretrained
+from cinedit.tokenizer.loading import save_pretrained, tokenizer_hash
 from cinedit.tokenizer.model import PRESETS, VideoDCAE
 
 
@@ -62,7 +62,7 @@ def test_encode_then_decode_round_trip(ckpt, clips, tmp_path):
         meta, z = f.metadata(), f.get_tensor("latent")
     assert z.shape == (16, 2, 2, 3)
     assert meta["num_frames"] == "8" and meta["height"] == "64" and float(meta["fps"]) == pytest.approx(25)
-    assert meta["tokenizer_config_hash"] == commands.config_hash(VideoDCAE(PRESETS["debug"]()))
+    assert meta["tokenizer_config_hash"] == tokenizer_hash(VideoDCAE(PRESETS["debug"]()))
     out = tmp_path / "wave.mp4"
     assert run("decode", str(lat), "--out", str(out), "--ckpt", ckpt) == 0
     assert probe(out).num_frames == 8

@@ -54,7 +54,7 @@ def data() -> dict[str, torch.Tensor]:
         "txt": torch.randn(BATCH, l_txt, cfg.context_in_dim, generator=g),
         "txt_ids": make_txt_ids(BATCH, l_txt),
         "timesteps": torch.rand(BATCH, generator=g),
-        "y_vec": torch.randn(BATCH, cfg.vec_in_dim, generator=g),
+        "vec": torch.randn(BATCH, cfg.vec_in_dim, generator=g),
         # A condition, so every parameter takes part (DDP insists); cond_in starts at zero and learns.
         "cond": torch.randn(BATCH, l_img, cfg.cond_channels, generator=g),
         "target": torch.randn(BATCH, l_img, cfg.in_channels, generator=g),
@@ -194,7 +194,7 @@ def test_parallel_config_validates():
         ({"plugin": "hybrid", "cp_size": 2, "precision": "fp32"}, "needs precision 'bf16'"),
     ]:
         with pytest.raises(ValueError, match=match):
-            ParallelConfig(**bad)
+            ParallelConfig(**bad).validate()
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert ParallelConfig().resolve_plugin(cpu) == "ddp"
     assert ParallelConfig().resolve_plugin(cuda) == "zero"

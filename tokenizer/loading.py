@@ -209,7 +209,7 @@ def init_from_image_dcae(image_model: Any, temporal: list[bool] | None = None) -
     independently until the temporal layers learn.
     """
     if isinstance(image_model, (str, os.PathLike)):
-        from diffusers import AutoencoderDC
+        from diffusers import AutoencoderDC  # heavy (diffusers): loaded only to convert an image DC-AE
 
         image_model = AutoencoderDC.from_pretrained(str(image_model))
     model = VideoDCAE(image_dcae_config(image_model.config, temporal))

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from einops import rearrange
+from safetensors.torch import load_file
 
 from cinedit.configs.tokenizer import LPIPSConfig
 
@@ -101,8 +102,6 @@ def _unavailable(net: str, reason: str) -> LPIPSUnavailable:
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):

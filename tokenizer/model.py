@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from cinedit.tokenizer.math import (
@@ -533,8 +534,6 @@ def config_from_reference(ref: Mapping[str, Any]) -> DCAEConfig:
 
 def load_weights(model: VideoDCAE, path: str | Path, prefix: str = "", strict: bool = True) -> VideoDCAE:
     """Load a safetensors checkpoint with release key names; keys are read from under `prefix` (stripped)."""
-    from safetensors.torch import load_file
-
     state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     model.load_state_dict(state, strict=strict)
     return model

@@ -40,9 +40,10 @@ from cinedit.runtime import cli as runtime_cli
 from cinedit.runtime.booster import Booster, build_booster
 from cinedit.runtime.checkpoint import load_training, save_training
 from cinedit.runtime.dist import DistInfo, all_gather_objects, all_reduce_sum, autocast
+from cinedit.runtime.ema import EMA
 from cinedit.runtime.modelio import CONFIG_NAME, WEIGHTS_NAME
 from cinedit.runtime.rng import seed_everything
-from cinedit.runtime.training import EMA, TrainHooks, forever, run_training
+from cinedit.runtime.training import TrainHooks, forever, run_training
 from cinedit.tokenizer.loading import init_from_image_dcae, load_pretrained, save_pretrained
 from cinedit.tokenizer.losses import (
     ReconstructionLoss,

@@ -12,6 +12,7 @@ import numpy as np
 from cinedit.data.video import ClipReader, is_image, probe, read_image, to_uint8
 from cinedit.demo.plan import command_line, sample_size
 from cinedit.eval import figures
+from cinedit.runtime.files import atomic_path, write_text
 from cinedit.runtime.logs import read_metrics
 
 PHASES = {
@@ -30,10 +31,10 @@ SHEET_FRAMES = 8  # frames shown per sample row (every other frame of 16)
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # heavy: loaded only when a report is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use("Agg"): no display needed
 
     return plt
 
@@ -56,10 +57,9 @@ def _smooth(values: np.ndarray) -> np.ndarray:
 
 
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     _plt().close(fig)
-    tmp.replace(path)
     return path
 
 
@@ -324,8 +324,4 @@ def write_report(out: Path, ctx: dict[str, Any]) -> Path:
         "timings of every call.",
         "",
     ]
-    report = out / "report.md"
-    tmp = report.with_name(f".{report.name}.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(report)
-    return report
+    return write_text(out / "report.md", "\n".join(lines))

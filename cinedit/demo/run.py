@@ -255,10 +255,8 @@ TRAINERS = {"tokenizer": tokenizer_train, "generator": generator_train}
 
 
 def resolve_config(kind: str, argv: list[str]) -> tuple[Any, str]:
-    """(config, preset name) exactly as `cinedit <kind> train ARGV` resolves them."""
-    import importlib
-
-    importlib.import_module(f"cinedit.{kind}.train")  # registers the presets
+    """(config, preset name) exactly as `cinedit <kind> train ARGV` resolves them (both trainers, imported above,
+    have registered their presets)."""
     return config_from_argv(kind, argv)
 
 

@@ -14,8 +14,10 @@ generator trains on and writes the model folder again with `scaling_factor` set 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from cinedit.data.video import read_video, write_video
 from cinedit.eval import figures, psnr, ssim
 from cinedit.eval.cli import main as eval_main
 from cinedit.eval.recon import pick_frames
+from cinedit.runtime.files import write_json
 from cinedit.runtime.modelio import CONFIG_NAME
 from cinedit.runtime.rng import seed_everything
 from cinedit.tokenizer.commands import find_inputs, read_clip, reconstruct
@@ -70,8 +73,6 @@ def calibrate(model_dir: Path, dst: Path, meta: Path, tables: list[Any], seed: i
     The latents are those `cinedit data cache` makes of `meta` at each bucket table in `tables` (same shapes, same
     seeded crops).
     """
-    import dataclasses
-
     stats_path = dst / "latent_stats.json"
     if stats_path.is_file() and (dst / "config.json").is_file():
         print(f"reusing the calibrated tokenizer {dst}")
@@ -99,9 +100,7 @@ def calibrate(model_dir: Path, dst: Path, meta: Path, tables: list[Any], seed: i
     scaled.load_state_dict(model.state_dict())
     save_pretrained(scaled, dst)
     stats.update(stats["all"])
-    tmp = stats_path.with_name(f".{stats_path.name}.tmp")
-    tmp.write_text(json.dumps(stats, indent=2) + "\n")
-    tmp.replace(stats_path)
+    write_json(stats_path, stats)
     print(
         f"latent std {std:.4f} (mean {stats['mean']:.4f}) over {stats['values']:,} values: "
         f"{dst} has scaling_factor {std:.4f}"
@@ -117,8 +116,6 @@ def recon_argv(ckpt: Path, heldout: Path, out: Path, device: str) -> list[str]:
 
 def recon_eval(ckpt: Path, heldout: Path, out: Path, device: str) -> dict[str, Any]:
     """`cinedit eval recon` of the held-out clips (skipped when its recon.json exists); returns recon.json."""
-    import shlex
-
     result = out / "recon.json"
     if result.is_file():
         print(f"reusing {result}")
@@ -190,9 +187,7 @@ def compare(heldout: Path, init: Path, final: Path, ev_dir: Path, strips: Path) 
     figures.save_png(figures.stack(panels), strips)
     mean = {k: {m: sum(c[k][m] for c in clips) / len(clips) for m in ("psnr", "ssim")} for k in recs}
     doc = {"clips": clips, "mean": mean, "arithmetic": arithmetic}
-    tmp = result.with_name(f".{result.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(result)
+    write_json(result, doc)
     return doc
 
 

@@ -7,7 +7,8 @@
 - `checkpoint`: atomic checkpoint folders and the sharded checkpoint format
 - `layout`: the dp x cp process layout
 - `booster`: the booster / plugin built from `ParallelConfig` (torch, ColossalAI DDP / ZeRO / Hybrid)
-- `training`: EMA, run-directory checks and the training loop both trainers run
+- `ema`: the EMA of a model's weights
+- `training`: run-directory checks and the training loop both trainers run
 - `modelio`: model folders (`config.json` + `model.safetensors`) and the state-dict adapter
 - `cli`: command groups and the train-command front end
 

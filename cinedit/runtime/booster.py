@@ -253,9 +253,9 @@ def import_colossalai() -> dict[str, Any]:
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            from colossalai.booster import Booster
-            from colossalai.booster.plugin import HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
-            from colossalai.shardformer.policies.base_policy import Policy
+            from colossalai.booster import Booster  # heavy: loaded only when a colossalai plugin is chosen
+            from colossalai.booster.plugin import HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin  # heavy
+            from colossalai.shardformer.policies.base_policy import Policy  # heavy
         finally:
             quiet.setLevel(level)
     return {

@@ -18,18 +18,16 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cinedit.runtime.dist import DistInfo, barrier
+from cinedit.runtime.ema import EMA
 from cinedit.runtime.files import write_json, write_text
 from cinedit.runtime.rng import rng_state, set_rng_state
-
-if TYPE_CHECKING:
-    from cinedit.runtime.training import EMA
 
 CKPT_DIR = "ckpt"
 LATEST = "latest"

@@ -29,7 +29,7 @@ class MetricsLogger:
         self.writer = None
         if enabled and tensorboard:
             try:  # optional dependency: without tensorboard, metrics.jsonl only
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional, and slow to import
             except ImportError:
                 SummaryWriter = None
             if SummaryWriter is not None:

@@ -13,6 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cinedit.runtime.files import atomic_path, write_text
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Prefixes that training wrappers put in front of every key (DDP, torch.compile, EMA / checkpoint dicts).
@@ -27,12 +29,9 @@ def save_model_folder(model: torch.nn.Module, config: Any, out_dir: str | os.Pat
     out.mkdir(parents=True, exist_ok=True)
     name = type(model).__name__
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = out / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "class": name})
-    os.replace(tmp, out / WEIGHTS_NAME)
-    tmp = out / f".{CONFIG_NAME}.tmp"
-    tmp.write_text(json.dumps({"_class": name, **dataclasses.asdict(config)}, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG_NAME)
+    with atomic_path(out / WEIGHTS_NAME) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "class": name})
+    write_text(out / CONFIG_NAME, json.dumps({"_class": name, **dataclasses.asdict(config)}, indent=2) + "\n")
     return out
 
 
