@@ -1,11 +1,47 @@
-"""Shared fixtures: the sample dataset is built once per test session."""
+"""Shared fixtures: the sample dataset is built once per test session; the parity fixtures of ../shared/fixtures."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from cinedit.data.sample import build_sample_data
+
+# The reference's parity fixtures, next to the checkout (`../shared/fixtures`). Tests that read them are marked with
+# `needs_fixtures(...)`: skipped where the folder is missing, a failure in CI (`CI=true`, exported by .ci/run).
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+def needs_fixtures(*names: str) -> pytest.MarkDecorator:
+    """Mark a test that reads the fixtures `names` (file names or globs inside FIXTURES, at least one match each)."""
+    if not names:
+        raise ValueError("needs_fixtures: name the fixture files the test reads")
+    return pytest.mark.parity_fixtures(*names)
+
+
+def missing_fixtures(*names: str) -> list[str]:
+    return [name for name in names if not any(FIXTURES.glob(name))]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "parity_fixtures(*names): reads these files of ../shared/fixtures")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("parity_fixtures"):
+        missing = missing_fixtures(*mark.args)
+        if not missing:
+            continue
+        if os.environ.get("CI") == "true":
+            pytest.fail(
+                f"../shared/fixtures is missing {', '.join(missing)}: CI must have the parity fixtures "
+                f"(looked in {FIXTURES})",
+                pytrace=False,
+            )
+        pytest.skip(f"parity fixtures not found: {', '.join(missing)} in {FIXTURES}")
 
 
 @pytest.fixture(scope="session")

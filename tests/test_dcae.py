@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, needs_fixtures
 from safetensors.torch import load_file
 
 from cinedit.tokenizer import model as dcae_model
 from cinedit.tokenizer.model import PRESETS, DCAEConfig, VideoDCAE, config_from_reference, load_weights
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-needs_fixtures = pytest.mark.skipif(
-    not (FIXTURES / "dcae_tiny_video_randw.json").exists(), reason=f"parity fixtures not found in {FIXTURES}"
-)
 # Suggested by the fixtures' README for an fp32 CPU re-implementation: (atol, rtol).
 TOLERANCES = {"refinit": (1e-5, 0.0), "randw": (1e-4, 1e-4)}
 
@@ -36,7 +33,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, variant: str, wha
     assert torch.allclose(actual, expected, atol=atol, rtol=rtol), f"{what}: max abs diff {diff:.3g}"
 
 
-@needs_fixtures
+@needs_fixtures("dcae_tiny_*.json")
 @pytest.mark.parametrize("case", ["video", "image"])
 @pytest.mark.parametrize("variant", ["refinit", "randw"])
 def test_fixture_parity(case: str, variant: str) -> None:
@@ -51,7 +48,7 @@ def test_fixture_parity(case: str, variant: str) -> None:
     assert_close(forward, tensors["reconstruction"], variant, "forward")
 
 
-@needs_fixtures
+@needs_fixtures("dcae_tiny_video_refinit.json")
 def test_fixture_weights_are_release_keys() -> None:
     meta, _, model = load_fixture("dcae_tiny_video_refinit")
     assert len(model.state_dict()) == meta["num_state_dict_tensors"] == 138
@@ -59,7 +56,7 @@ def test_fixture_weights_are_release_keys() -> None:
     assert sum(p.numel() for p in VideoDCAE(PRESETS["debug"]()).parameters()) == meta["num_parameters"]
 
 
-@needs_fixtures
+@needs_fixtures("schema_dcae_f32t4c128.json")
 def test_full_size_schema() -> None:
     schema = json.loads((FIXTURES / "schema_dcae_f32t4c128.json").read_text())
     with torch.device("meta"):

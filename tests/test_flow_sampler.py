@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, needs_fixtures
 from safetensors.torch import save_file
 
 from cinedit.cli import main
@@ -35,10 +35,8 @@ from cinedit.generator.flow import (
 from cinedit.generator.math import pack
 from cinedit.generator.sampler import SamplerConfig, denoise, guidance_scales, sample
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 TABLES = FIXTURES / "sampling_tables.json"
 I2V = FIXTURES / "sampling_i2v_tiny.json"
-needs_fixtures = pytest.mark.skipif(not TABLES.is_file(), reason=f"sampling fixtures not found in {FIXTURES}")
 
 
 def _model_importable() -> bool:
@@ -55,7 +53,7 @@ needs_model = pytest.mark.skipif(not _model_importable(), reason="cinedit.genera
 # --- parity ---------------------------------------------------------------------------------------------------
 
 
-@needs_fixtures
+@needs_fixtures(TABLES.name)
 def test_sampling_tables_parity(capsys):
     assert main(["eval", "parity", str(TABLES)]) == 0
     out = capsys.readouterr().out
@@ -63,7 +61,7 @@ def test_sampling_tables_parity(capsys):
     assert "guidance.osci_temporal.image_gs" in out and "train_t.t" in out and "euler.trajectory" in out
 
 
-@needs_fixtures
+@needs_fixtures(I2V.name)
 @needs_model
 def test_sampling_i2v_parity(capsys):
     assert main(["eval", "parity", str(I2V)]) == 0
@@ -73,7 +71,7 @@ def test_sampling_i2v_parity(capsys):
     assert "FAIL" not in out
 
 
-@needs_fixtures
+@needs_fixtures(I2V.name)
 @needs_model
 def test_i2v_settings_are_read_from_the_fixture(tmp_path, capsys):
     meta = json.loads(I2V.read_text())
@@ -101,7 +99,7 @@ def _guidance_by_rule(steps: int, frames: int, g_txt: float, g_img: float, osci:
     return torch.tensor(text, dtype=torch.float64), torch.stack(image)
 
 
-@needs_fixtures
+@needs_fixtures(TABLES.name)
 def test_tables_with_other_settings(tmp_path, capsys):
     """A tables fixture of the same format with other steps, frames and scales replays from its JSON."""
     meta = json.loads(TABLES.read_text())
@@ -169,9 +167,9 @@ def test_masked_loss_counts_only_the_mask():
 
 def test_caption_dropout_rate_and_independence():
     n = 20000
-    txt, y_vec = torch.ones(n, 2, 3), torch.ones(n, 4)
+    txt, vec = torch.ones(n, 2, 3), torch.ones(n, 4)
     new_txt, new_y = caption_dropout(
-        txt, y_vec, torch.zeros(2, 3), torch.zeros(4), generator=torch.Generator().manual_seed(0)
+        txt, vec, torch.zeros(2, 3), torch.zeros(4), generator=torch.Generator().manual_seed(0)
     )
     drop_t = (new_txt == 0).all(-1).all(-1)
     drop_y = (new_y == 0).all(-1)
@@ -252,9 +250,9 @@ def linear_model(in_ch: int = 16, cond_ch: int = 20, txt_dim: int = 8, vec_dim: 
     w_txt, w_vec = torch.randn(txt_dim, in_ch, generator=g), torch.randn(vec_dim, in_ch, generator=g)
     calls = []
 
-    def model(img, img_ids, txt, txt_ids, timesteps, y_vec, cond=None):
+    def model(img, img_ids, txt, txt_ids, timesteps, vec, cond=None):
         calls.append(img.shape[0])
-        out = img @ w_img + (txt.mean(1) @ w_txt + y_vec @ w_vec)[:, None] + timesteps[:, None, None]
+        out = img @ w_img + (txt.mean(1) @ w_txt + vec @ w_vec)[:, None] + timesteps[:, None, None]
         return out if cond is None else out + cond @ w_cond
 
     model.calls = calls
@@ -285,25 +283,25 @@ def test_guidance_scales_oscillate_and_ramp():
 
 def test_sampler_is_seeded_and_writes_back_the_reference():
     model = linear_model()
-    txt, y_vec, neg_txt, neg_y = _prompts(2)
+    txt, vec, neg_txt, neg_y = _prompts(2)
     shape = (2, 4, 3, 4, 4)
     ref = reference_latent(shape, head=torch.randn(2, 4, 1, 4, 4))
     cond = i2v_condition("i2v_head", ref)
     cfg = SamplerConfig(num_steps=12, seed=3)
-    a = sample(model, cfg, shape, 2, txt, y_vec, neg_txt, neg_y, condition=cond)
+    a = sample(model, cfg, shape, 2, txt, vec, neg_txt, neg_y, condition=cond)
     assert set(model.calls) == {6}  # three passes batched
-    b = sample(model, cfg, shape, 2, txt, y_vec, neg_txt, neg_y, condition=cond)
-    c = sample(model, SamplerConfig(num_steps=12, seed=4), shape, 2, txt, y_vec, neg_txt, neg_y, condition=cond)
+    b = sample(model, cfg, shape, 2, txt, vec, neg_txt, neg_y, condition=cond)
+    c = sample(model, SamplerConfig(num_steps=12, seed=4), shape, 2, txt, vec, neg_txt, neg_y, condition=cond)
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert torch.equal(a[:, :, :1], ref[:, :, :1]) and not torch.equal(a[:, :, 1:], c[:, :, 1:])
     model.calls.clear()
-    t2v = sample(model, cfg, shape, 2, txt, y_vec, neg_txt, neg_y, condition=i2v_condition("t2v", ref))
+    t2v = sample(model, cfg, shape, 2, txt, vec, neg_txt, neg_y, condition=i2v_condition("t2v", ref))
     assert set(model.calls) == {4} and torch.isfinite(t2v).all()  # plain CFG: two passes
 
 
 def test_one_step_combines_the_three_passes():
     model = linear_model()
-    txt, y_vec, neg_txt, neg_y = _prompts()
+    txt, vec, neg_txt, neg_y = _prompts()
     img, ids = torch.randn(1, 12, 16), torch.zeros(1, 12, 3)
     ids[0, :, 0] = torch.arange(3).repeat_interleave(4)
     cond = torch.randn(1, 12, 20)
@@ -311,7 +309,7 @@ def test_one_step_combines_the_three_passes():
     rows = []
     txt_ids = torch.zeros(1, 5, 3)
     record = lambda _step, _img, raw: rows.append(raw)
-    out = denoise(model, img, ids, txt, txt_ids, y_vec, neg_txt, neg_y, [1.0, 0.25], cfg, cond=cond, on_step=record)
+    out = denoise(model, img, ids, txt, txt_ids, vec, neg_txt, neg_y, [1.0, 0.25], cfg, cond=cond, on_step=record)
     v1, v2, v3 = rows[0].chunk(3)
     t = torch.ones(1)
     torch.testing.assert_close(v3, model(img, ids, neg_txt, txt_ids, t, neg_y, cond=torch.zeros_like(cond)))

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness import assert_same_after, kill_and_resume
 from PIL import Image
 
 from cinedit.cli import group_main
 from cinedit.configs import PRESETS, load_config
-from cinedit.configs.generator import STAGE1_I2V_WEIGHTS, FlowConfig, GeneratorModelConfig
+from cinedit.configs.generator import FlowConfig, GeneratorModelConfig
 from cinedit.data.index import build_index
 from cinedit.data.meta import write_meta
 from cinedit.data.video import write_video
@@ -75,7 +76,8 @@ def test_stage_presets_follow_the_design():
         assert cfg.model.preset == "11b-dcae" and cfg.model.init_from == "" and cfg.tokenizer.path == ""
         assert cfg.optim.eps == 1e-15 and cfg.optim.weight_decay == 0 and cfg.parallel.grad_clip == 1.0
         assert cfg.text.kind == "t5_clip" and cfg.flow.caption_dropout == 0.316
-    assert s1.flow.conditions == {"t2v": 1.0} and s2.flow.conditions == STAGE1_I2V_WEIGHTS
+    assert s1.flow.conditions == {"t2v": 1.0}
+    assert s2.flow.conditions == {"t2v": 1.0, "i2v_head": 5.0, "i2v_tail": 1.0, "i2v_loop": 1.0}
     assert s1.data.buckets.table["256px"][1] == (1.0, 45) and s1.data.buckets.table["256px"][32] == (1.0, 12)
     assert set(s3.data.buckets.table) == {"768px"} and s3.data.buckets.table["768px"][128] == (1.0, 2)
     assert (s3.model.grad_ckpt_double, s3.model.grad_ckpt_single) == (-1, -1)
@@ -163,28 +165,14 @@ def test_debug_run_writes_metrics_checkpoints_and_pipeline(meta, tmp_path, capsy
     assert all(torch.equal(v, again[k]) for k, v in pipe.generator.state_dict().items())
 
 
-def test_resume_reproduces_uninterrupted_losses_exactly(meta, tmp_path, monkeypatch):
+def test_resume_reproduces_uninterrupted_losses_exactly(meta, tmp_path):
     common = ("--train.steps=6", "--train.eval_every=3")
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert train_mod.main(args(meta, full, *common, "--train.ckpt_every=0")) == 0
-
-    real_step = train_mod.train_step
-
-    def dies_at_5(tr, batch, step):
-        if step == 5:
-            raise KeyboardInterrupt("killed")
-        return real_step(tr, batch, step)
-
-    monkeypatch.setattr(train_mod, "train_step", dies_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.main(args(meta, killed, *common, "--train.ckpt_every=3"))
-    monkeypatch.setattr(train_mod, "train_step", real_step)
-    assert sorted(scalars(killed)) == [1, 2, 3, 4]
-    assert train_mod.main(args(meta, killed, *common, "--train.ckpt_every=3", "--train.resume=auto")) == 0
-
-    for key in ("loss", "grad_norm", "given_share", "eval/loss"):
-        a, b = scalars(full, key), scalars(killed, key)
-        assert sorted(a) == sorted(b) and all(a[s] == b[s] for s in a if s > 3), key
+    run = kill_and_resume(
+        train_mod, lambda out, *a: args(meta, out, *a), tmp_path, common, kill_at=5, ckpt_every=3, log_key="loss"
+    )
+    assert run.logged_before_kill == [1, 2, 3, 4] and run.resumed_from == 3
+    full, killed = run.full, run.killed
+    assert_same_after(full, killed, ("loss", "grad_norm", "given_share", "eval/loss"), step=3)
     assert len(set(scalars(full, "given_share").values())) > 1  # the condition mix really varied
     ema_a = load_pipeline(full / "model").generator.state_dict()
     ema_b = load_pipeline(killed / "model").generator.state_dict()

@@ -9,23 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES, needs_fixtures
 from safetensors.torch import load_file, save_file
 
 from cinedit.cli import main
+from cinedit.eval.parity import fixture_inputs
 from cinedit.generator import math as gmath
 from cinedit.generator.loading import infer_config, load_pretrained, save_pretrained
 from cinedit.generator.math import make_ids, make_txt_ids, pack, unpack
 from cinedit.generator.model import PRESETS, MMDiT, MMDiTConfig, config_from_reference
 from cinedit.generator.parallel import apply_activation_checkpointing
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 MMDIT = sorted(FIXTURES.glob("mmdit_*.json"))
-needs_fixtures = pytest.mark.skipif(not MMDIT, reason=f"MMDiT parity fixtures not found in {FIXTURES}")
 
 
 def fixture(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     meta = json.loads((FIXTURES / f"{name}.json").read_text())
-    return meta, load_file(FIXTURES / meta["file"])
+    return meta, fixture_inputs(load_file(FIXTURES / meta["file"]))  # the reference's input names -> ours
 
 
 def inputs(cfg: MMDiTConfig, b: int = 2, t: int = 2, h: int = 3, w: int = 4, l_txt: int = 5, seed: int = 0) -> dict:
@@ -36,7 +36,7 @@ def inputs(cfg: MMDiTConfig, b: int = 2, t: int = 2, h: int = 3, w: int = 4, l_t
         "txt": torch.randn(b, l_txt, cfg.context_in_dim, generator=g),
         "txt_ids": make_txt_ids(b, l_txt),
         "timesteps": torch.rand(b, generator=g),
-        "y_vec": torch.randn(b, cfg.vec_in_dim, generator=g),
+        "vec": torch.randn(b, cfg.vec_in_dim, generator=g),
         "cond": torch.randn(b, t * h * w, cfg.cond_channels, generator=g),
     }
 
@@ -52,7 +52,7 @@ def debug_model(seed: int = 0, **changes) -> MMDiT:
 # Parity with the reference fixtures.
 
 
-@needs_fixtures
+@needs_fixtures("mmdit_*.json")
 def test_every_shared_mmdit_fixture_passes(capsys):
     assert main(["eval", "parity", *map(str, MMDIT)]) == 0
     out = capsys.readouterr().out
@@ -60,7 +60,7 @@ def test_every_shared_mmdit_fixture_passes(capsys):
     assert "FAIL" not in out and "output_unpacked" in out
 
 
-@needs_fixtures
+@needs_fixtures("mmdit_tiny_p2_liger.json")
 def test_tampered_weights_fail(tmp_path, capsys):
     name = "mmdit_tiny_p2_liger"
     meta, tensors = fixture(name)
@@ -72,7 +72,7 @@ def test_tampered_weights_fail(tmp_path, capsys):
     assert "FAIL" in out.out and "1 of 1 fixture(s) failed" in out.err
 
 
-@needs_fixtures
+@needs_fixtures("mmdit_tiny_p2_liger.json", "mmdit_tiny_p2_flux.json")
 def test_rope_layouts_differ_with_the_same_weights():
     meta, tensors = fixture("mmdit_tiny_p2_liger")
     _, flux = fixture("mmdit_tiny_p2_flux")
@@ -81,7 +81,7 @@ def test_rope_layouts_differ_with_the_same_weights():
     assert cfg.rope_layout == "interleaved"
     model = MMDiT(cfg).eval()
     model.load_state_dict(state, strict=True)
-    names = ("img", "img_ids", "txt", "txt_ids", "timesteps", "y_vec")
+    names = ("img", "img_ids", "txt", "txt_ids", "timesteps", "vec")
     with torch.no_grad():
         out = model(*(tensors[n] for n in names), cond=tensors["cond"])
     torch.testing.assert_close(out, flux["output"], atol=2e-5, rtol=0)
@@ -148,7 +148,7 @@ def test_qkv_bias_concerns_double_blocks_only():
 # Full-size presets against the release's schemas.
 
 
-@needs_fixtures
+@needs_fixtures("schema_mmdit_11b_hunyuanvae.json", "schema_mmdit_11b_dcae_high_compression.json")
 @pytest.mark.parametrize(
     "preset, schema, params",
     [("11b", "hunyuanvae", 11_891_390_528), ("11b-dcae", "dcae_high_compression", 11_891_971_200)],
@@ -381,7 +381,7 @@ def test_ids_layout():
     assert make_txt_ids(2, 7).abs().sum() == 0 and make_txt_ids(2, 7).shape == (2, 7, 3)
 
 
-@needs_fixtures
+@needs_fixtures("mmdit_tiny_p2_liger.json", "mmdit_tiny_p1_liger.json")
 @pytest.mark.parametrize("name, p", [("mmdit_tiny_p2_liger", 2), ("mmdit_tiny_p1_liger", 1)])
 def test_packing_matches_the_reference_inputs(name, p):
     _, t = fixture(name)

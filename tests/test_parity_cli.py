@@ -8,19 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from conftest import FIXTURES, needs_fixtures
 from safetensors.torch import load_file, save_file
 
 from cinedit.cli import main
 from cinedit.tokenizer.model import VideoDCAE, config_from_reference
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 DCAE = sorted(FIXTURES.glob("dcae_*.json"))
-needs_fixtures = pytest.mark.skipif(not DCAE, reason=f"parity fixtures not found in {FIXTURES}")
+# The fixture families this build replays (`cinedit eval parity`). ../shared/fixtures also holds hunyuanvae_*,
+# flux_* and pipeline_* fixtures: they belong to the public-release issue (HunyuanVAE, Flux, the pipelines), whose
+# components this build does not have yet; add their globs here when it lands.
+FAMILIES = {"dcae": "dcae_*.json", "mmdit": "mmdit_*.json", "sampling": "sampling_*.json", "schema": "schema_*.json"}
 
 
-@needs_fixtures
+@needs_fixtures("dcae_*.json")
 def test_every_shared_dcae_fixture_passes(capsys):
     assert main(["eval", "parity", *map(str, DCAE)]) == 0
     out = capsys.readouterr().out
@@ -28,7 +30,7 @@ def test_every_shared_dcae_fixture_passes(capsys):
     assert "FAIL" not in out
 
 
-@needs_fixtures
+@needs_fixtures("dcae_tiny_video_randw.json")
 def test_tampered_weights_fail(tmp_path, capsys):
     name = "dcae_tiny_video_randw"
     meta = json.loads((FIXTURES / f"{name}.json").read_text())
@@ -98,9 +100,14 @@ def test_bad_fixtures_fail_clearly(tmp_path, capsys):
     assert "unknown component" in capsys.readouterr().err
 
 
-@needs_fixtures
+@needs_fixtures(*FAMILIES.values())
 def test_the_whole_shared_fixture_folder_passes(capsys):
-    files = sorted(map(str, FIXTURES.glob("*.json")))
+    """Every fixture of the families this build replays, in one call (at least one of each family)."""
+    found = {family: sorted(FIXTURES.glob(pattern)) for family, pattern in FAMILIES.items()}
+    assert all(found.values()), {family: len(files) for family, files in found.items()}
+    files = [str(f) for family in found.values() for f in family]
     assert main(["eval", "parity", *files]) == 0
     out = capsys.readouterr().out
-    assert "(schema)" in out and "(mmdit)" in out and "(sampling_i2v)" in out and "FAIL" not in out
+    assert "FAIL" not in out
+    for kind in ("schema", "dcae", "mmdit", "sampling_tables", "sampling_i2v"):
+        assert f"({kind})" in out, kind

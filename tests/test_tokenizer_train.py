@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from harness import assert_same_after, kill_and_resume
 from PIL import Image
 
 from cinedit.configs import ParallelConfig, load_config
@@ -16,8 +17,8 @@ from cinedit.data.meta import write_meta
 from cinedit.data.video import write_video
 from cinedit.runtime.checkpoint import checkpoint_dir, latest_checkpoint, save_checkpoint
 from cinedit.runtime.dist import DistInfo, init_distributed
+from cinedit.runtime.ema import EMA
 from cinedit.runtime.logs import read_metrics
-from cinedit.runtime.training import EMA
 from cinedit.tokenizer import load_pretrained
 from cinedit.tokenizer import train as train_mod
 from cinedit.tokenizer.losses import (
@@ -234,28 +235,15 @@ def test_debug_run_writes_metrics_checkpoints_and_model(meta, tmp_path, capsys):
     assert tr.step == 4 and tr.ema.updates == 4
 
 
-def test_resume_reproduces_uninterrupted_losses_exactly(meta, tmp_path, monkeypatch):
+def test_resume_reproduces_uninterrupted_losses_exactly(meta, tmp_path):
     common = ("--train.steps=8", "--disc.start=2", "--train.eval_every=0", "--train.image_share=0.5")
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert train_mod.main(args(meta, full, *common, "--train.ckpt_every=0")) == 0
-
-    real_step = train_mod.train_step
-
-    def dies_at_7(tr, batch, step):
-        if step == 7:
-            raise KeyboardInterrupt("killed")
-        return real_step(tr, batch, step)
-
-    monkeypatch.setattr(train_mod, "train_step", dies_at_7)
-    with pytest.raises(KeyboardInterrupt):
-        train_mod.main(args(meta, killed, *common, "--train.ckpt_every=4"))
-    monkeypatch.setattr(train_mod, "train_step", real_step)
-    assert sorted(losses(killed)) == [1, 2, 3, 4, 5, 6]
-    assert train_mod.main(args(meta, killed, *common, "--train.ckpt_every=4", "--train.resume=auto")) == 0
-
-    for key in ("loss/total", "loss/l1", "loss/disc", "adaptive_weight", "grad_norm", "images"):
-        a, b = losses(full, key), losses(killed, key)
-        assert sorted(b) == sorted(a) and all(a[s] == b[s] for s in range(5, 9)), key
+    run = kill_and_resume(
+        train_mod, lambda out, *a: args(meta, out, *a), tmp_path, common, kill_at=7, ckpt_every=4, log_key="loss/total"
+    )
+    assert run.logged_before_kill == [1, 2, 3, 4, 5, 6] and run.resumed_from == 4
+    full, killed = run.full, run.killed
+    keys = ("loss/total", "loss/l1", "loss/disc", "adaptive_weight", "grad_norm", "images")
+    assert_same_after(full, killed, keys, step=4)
     assert {r["images"] for r in read_metrics(full) if "images" in r} == {0.0, 1.0}
     ema_a = load_pretrained(full / "model").state_dict()
     ema_b = load_pretrained(killed / "model").state_dict()
