@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import importlib
 import json
+import math
 import os
 import sys
 import types
@@ -163,10 +164,27 @@ def _parse_json(text: str, where: str, allow_csv: bool = False) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        # `--x.sizes=1,2,3` is friendlier than JSON for flat lists.
+        # `--x.sizes=1,2,3` is friendlier than JSON for flat lists; `[0.9,abc]` (not JSON) is read the same way, so
+        # the error names the element that is wrong.
         if allow_csv:
-            return [s.strip() for s in text.split(",") if s.strip()]
+            inner = text.strip()
+            if inner[:1] + inner[-1:] in ("[]", "()"):
+                inner = inner[1:-1]
+            return [s.strip() for s in inner.split(",") if s.strip()]
         raise ConfigError(f"{where}: {text!r} is not valid JSON (mappings are written as JSON)") from None
+
+
+def check_adamw(section: str, lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """Raise ConfigError unless AdamW's hyper-parameters are usable: finite, lr and eps > 0, betas in [0, 1)."""
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"{section}.lr must be a positive number, got {lr}")
+    for i, b in enumerate(betas):
+        if not (math.isfinite(b) and 0 <= b < 1):
+            raise ConfigError(f"{section}.betas[{i}] must be in [0, 1), got {b}")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ConfigError(f"{section}.eps must be a positive number, got {eps}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"{section}.weight_decay must be >= 0, got {weight_decay}")
 
 
 def to_dict(cfg: Any) -> Any:
@@ -329,6 +347,7 @@ def describe(cfg: Any) -> str:
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "check_adamw",
     "convert",
     "describe",
     "field_paths",

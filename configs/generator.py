@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cinedit.configs.core import ConfigError
+from cinedit.configs.core import ConfigError, check_adamw
 from cinedit.configs.data import BucketConfig, DataConfig, stage1_buckets, stage3_buckets
 from cinedit.configs.parallel import ParallelConfig
 from cinedit.configs.tokenizer import DEBUG_TOKENIZER
@@ -204,6 +204,9 @@ class GeneratorOptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-15
     weight_decay: float = 0.0  # gradient clipping is parallel.grad_clip (ZeRO clips inside its step)
+
+    def validate(self) -> None:
+        check_adamw("optim", self.lr, self.betas, self.eps, self.weight_decay)
 
 
 @dataclass

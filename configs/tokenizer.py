@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cinedit.configs.core import ConfigError
+from cinedit.configs.core import ConfigError, check_adamw
 from cinedit.configs.data import BucketConfig, DataConfig
 from cinedit.configs.parallel import ParallelConfig
 from cinedit.configs.train import RUN_CONTROL, EMAConfig, LoopConfig
@@ -105,6 +105,7 @@ class DiscConfig:
             raise ConfigError(f"disc.start must be a step >= 0, or -1 for no adversarial phase, got {self.start}")
         if self.layers < 1 or self.filters < 1:
             raise ConfigError(f"disc.layers and disc.filters must be >= 1, got {self.layers}, {self.filters}")
+        check_adamw("disc", self.lr, self.betas, 1e-8, self.weight_decay)
 
     @property
     def enabled(self) -> bool:
@@ -119,6 +120,9 @@ class TokenizerOptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     weight_decay: float = 0.0  # gradient clipping is parallel.grad_clip (ZeRO clips inside its step)
+
+    def validate(self) -> None:
+        check_adamw("optim", self.lr, self.betas, self.eps, self.weight_decay)
 
 
 @dataclass

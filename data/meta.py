@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from cinedit.runtime.files import atomic_path
 
 # Required columns, in order (DESIGN.md). aspect_ratio is height / width; resolution is height * width.
 COLUMNS = ["path", "text", "num_frames", "height", "width", "aspect_ratio", "resolution", "fps"]
+NUMERIC_COLUMNS = ["num_frames", "height", "width", "aspect_ratio", "resolution", "fps"]
 # Optional cache columns written by `cinedit data cache`.
 LATENT_COLUMN = "latent_path"
 TEXT_EMB_COLUMN = "text_emb_path"
@@ -32,13 +34,29 @@ def read_meta(path: str | os.PathLike) -> pd.DataFrame:
     _check_suffix(path)
     if not path.is_file():
         raise MetaError(f"{path}: no such metadata file (make one with `cinedit data index DIR --out {path}`)")
-    if path.suffix.lower() == ".parquet":
-        df = pd.read_parquet(path)
-    else:
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"text": str})
+    try:
+        if path.suffix.lower() == ".parquet":
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"text": str})
+    except pd.errors.EmptyDataError:
+        raise MetaError(f"{path}: the file is empty; expected a header with at least {COLUMNS}") from None
+    except (ValueError, OSError, pd.errors.ParserError) as e:
+        raise MetaError(f"{path}: not a readable metadata table ({e})") from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise MetaError(f"{path}: missing columns {missing}; expected at least {COLUMNS}")
+    for col in NUMERIC_COLUMNS:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            rows = ", ".join(str(i + 1) for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise MetaError(
+                f"{path}: column {col!r} needs a number in every row, not in row(s) {rows} (1 is the first after the "
+                f"header); fix or drop those rows "
+                f"(or re-index the videos with `cinedit data index`)"
+            )
+        df[col] = values
     df["text"] = df["text"].fillna("").astype(str)
     base = path.resolve().parent
     for col in ("path", LATENT_COLUMN, TEXT_EMB_COLUMN):

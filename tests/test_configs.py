@@ -149,3 +149,20 @@ def test_config_from_argv(capsys):
     assert e.value.code == 0 and "--steps=5" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="name a test preset"):
         config_from_argv("test", ["--steps=5"])
+
+
+@pytest.mark.parametrize(
+    "kind, override, match",
+    [
+        ("tokenizer", "--optim.lr=nan", r"optim\.lr must be a positive number, got nan"),
+        ("generator", "--optim.lr=0", r"optim\.lr must be a positive number"),
+        ("generator", "--optim.betas=[0.9,1.5]", r"optim\.betas\[1\] must be in \[0, 1\)"),
+        ("tokenizer", "--disc.lr=-1", r"disc\.lr must be a positive number"),
+        ("tokenizer", "--optim.betas=[0.9,abc]", r"optim\.betas\[1\]: expected a float, got 'abc'"),
+    ],
+)
+def test_optimizer_settings_are_checked_before_a_run_starts(kind, override, match):
+    # lr=nan used to pass validation and fail inside AdamW after config.json was written; a bad betas element was
+    # reported as the first one.
+    with pytest.raises(ConfigError, match=match):
+        resolve(kind, "debug", [override])

@@ -86,7 +86,12 @@ def test_bad_files_are_reported_and_skipped(meta, tmp_path, capsys):
     assert "broken.mp4" in captured.err and "wrote 8" in captured.out and "1 unreadable" in captured.out
     assert len(CacheReader(out)) == 8
     assert "broken.mp4" in (out / cache_cmd.REPORT_FILE).read_text()
-    assert cache_cli(str(meta), "--out", str(tmp_path / "x"), "--tokenizer", "nowhere", "--text-encoder", "debug", "--quiet") == 2
+    assert (
+        cache_cli(
+            str(meta), "--out", str(tmp_path / "x"), "--tokenizer", "nowhere", "--text-encoder", "debug", "--quiet"
+        )
+        == 2
+    )
 
 
 def test_training_from_the_cache(meta, tmp_path, capsys):

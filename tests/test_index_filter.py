@@ -19,7 +19,7 @@ from PIL import Image
 from cinedit.cli import group_main
 from cinedit.data.filter import filter_meta, frame_scores
 from cinedit.data.index import build_index
-from cinedit.data.meta import COLUMNS, read_meta
+from cinedit.data.meta import COLUMNS, MetaError, read_meta
 from cinedit.data.video import write_video
 
 TEXTURE = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
@@ -295,3 +295,16 @@ def test_filter_unreadable_rows(clips: Path, tmp_path: Path, capsys):
     assert "all 1 rows were dropped" in capsys.readouterr().err and not (tmp_path / "none.csv").exists()
     assert main(["filter", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "x.csv")]) == 1
     assert "cinedit data index" in capsys.readouterr().err
+
+
+def test_unusable_meta_files_name_the_file_and_the_column(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(MetaError, match="empty.csv: the file is empty"):
+        read_meta(empty)
+    nan = tmp_path / "nan.csv"
+    nan.write_text(",".join(COLUMNS) + "\na.mp4,x,10,64,64,1,4096,25\nb.mp4,y,nan,64,64,1,4096,25\n")
+    with pytest.raises(MetaError, match=r"nan.csv: column 'num_frames' needs a number in every row, not in row\(s\) 2"):
+        read_meta(nan)
+    assert main(["filter", str(nan), "--out", str(tmp_path / "out.csv")]) == 1
+    assert "column 'num_frames'" in capsys.readouterr().err and not (tmp_path / "out.csv").exists()
