@@ -121,3 +121,35 @@ def test_reconstruct_sample_clip(ckpt, sample_data, tmp_path, capsys):
     # 360x640 is not a multiple of 32: refused without --size / --pad.
     assert run(*argv, "--overwrite") == 2
     assert "360x640 is not a multiple of 32" in capsys.readouterr().err
+
+
+def test_same_named_inputs_never_share_an_output_and_decode_takes_encodes_folder(ckpt, tmp_path, capsys):
+    # clip.mp4 / clip.mkv / clip.webm in one folder, and a/video.mp4 + b/video.mp4 in a meta file, used to write one
+    # output and keep the rest as "exists, kept" (exit 0); decode refused the folder encode wrote.
+    frames = np.repeat((np.linspace(0, 255, 4 * 32 * 32).reshape(4, 32, 32, 1) % 256).astype(np.uint8), 3, axis=-1)
+    src = tmp_path / "src"
+    for name in ("clip.mp4", "clip.mkv", "sub/clip.mp4"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        write_video(src / name, frames, 25)
+    lat = tmp_path / "lat"
+    assert run("encode", str(src), "--out", str(lat), "--ckpt", ckpt, "--quiet") == 0
+    names = sorted(str(p.relative_to(lat)) for p in lat.rglob("*.safetensors"))
+    assert names == ["clip.mkv.safetensors", "clip.mp4.safetensors", "sub/clip.mp4.safetensors"]
+    dec = tmp_path / "dec"
+    assert run("decode", str(lat), "--out", str(dec), "--ckpt", ckpt, "--quiet") == 0
+    assert sorted(str(p.relative_to(dec)) for p in dec.rglob("*.mp4")) == ["clip.mkv.mp4", "clip.mp4", "sub/clip.mp4"]
+    assert probe(dec / "clip.mkv.mp4").num_frames == 4
+    # A meta file: paths relative to the folder the files share.
+    rows = [commands.find_inputs(src)[0][i] for i in range(3)]
+    outs = commands.output_names(rows, None, tmp_path / "o", lambda s: ".mp4")
+    assert sorted(str(p.relative_to(tmp_path / "o")) for p in outs) == ["clip.mkv.mp4", "clip.mp4", "sub/clip.mp4"]
+    with pytest.raises(commands.InputError, match="would both be written to"):
+        commands.output_names([src / "clip.mp4", tmp_path / "clip.mp4"], src, tmp_path / "o", lambda s: ".mp4")
+
+
+def test_out_naming_a_folder_for_one_input_is_a_clear_error(ckpt, clips, tmp_path, capsys):
+    (tmp_path / "recs").mkdir()
+    assert run("reconstruct", str(clips / "wave.mp4"), "--out", str(tmp_path / "recs"), "--ckpt", ckpt) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "Traceback" not in err
+    assert list((tmp_path / "recs").iterdir()) == []  # no temp file left behind

@@ -69,13 +69,18 @@ class Clip:
     width: int
 
 
-def find_inputs(src: str | os.PathLike) -> tuple[list[Path], bool]:
-    """The media files named by `src` and whether `src` named a single file."""
+def find_inputs(src: str | os.PathLike, latents: bool = False) -> tuple[list[Path], bool]:
+    """The files named by `src` and whether `src` named a single file: media files, or with `latents` the latent
+    files a folder holds (what `encode` wrote into it)."""
     src = Path(src)
     if src.is_dir():
-        files = find_media(src)
+        if latents:
+            files = sorted(p for p in src.rglob(f"*{LATENT_EXT}") if not any(q.startswith(".") for q in p.parts))
+        else:
+            files = find_media(src)
         if not files:
-            raise InputError(f"{src}: no video or image files found (searched recursively)")
+            what = f"{LATENT_EXT} latent files" if latents else "video or image files"
+            raise InputError(f"{src}: no {what} found (searched recursively)")
         return files, False
     if not src.is_file():
         raise InputError(f"{src}: no such file or folder")
@@ -84,6 +89,29 @@ def find_inputs(src: str | os.PathLike) -> tuple[list[Path], bool]:
     if src.suffix.lower() not in VIDEO_EXTS | IMAGE_EXTS | {LATENT_EXT}:
         raise InputError(f"{src}: not a video, image or meta file (by its extension {src.suffix!r})")
     return [src], True
+
+
+def output_names(inputs: list[Path], root: Path | None, out: Path, suffix_for) -> list[Path]:
+    """Where each input of a folder or meta file goes under `out`: its path relative to `root` (the input folder, or
+    the folder all the meta file's paths share), named `NAME.EXT` + the output suffix unless EXT already is it
+    (`clip.mp4` -> `clip.mp4`, `clip.webm` -> `clip.webm.mp4`, `clip.mp4` -> `clip.mp4.safetensors`; a latent file
+    drops its `.safetensors` first). So `a/video.mp4` and `b/video.mp4`, or `clip.mp4` and `clip.mkv`, never share an
+    output; two inputs that still would (by their names alone) are refused."""
+    absolute = [Path(os.path.abspath(p)) for p in inputs]  # not resolve(): a symlinked file keeps its own name
+    base = Path(os.path.abspath(root)) if root is not None else Path(os.path.commonpath([p.parent for p in absolute]))
+    outs = []
+    for src, full in zip(inputs, absolute):
+        rel = full.relative_to(base) if full.is_relative_to(base) else Path(src.name)
+        if rel.suffix == LATENT_EXT:
+            rel = rel.with_suffix("")
+        suffix = suffix_for(src)
+        outs.append(out / (rel if rel.suffix.lower() == suffix else rel.with_name(rel.name + suffix)))
+    seen: dict[Path, Path] = {}
+    for src, dst in zip(inputs, outs):
+        if dst in seen:
+            raise InputError(f"{seen[dst]} and {src} would both be written to {dst}; rename one of them")
+        seen[dst] = src
+    return outs
 
 
 def read_clip(
@@ -127,13 +155,6 @@ def _tiling(args: argparse.Namespace) -> TilingConfig:
     return TilingConfig(spatial_tile=args.tile_size, temporal_tile=args.tile_frames, enabled=enabled)
 
 
-def _output(src: Path, root: Path | None, out: Path, single: bool, suffix: str) -> Path:
-    if single:
-        return out
-    rel = src.relative_to(root) if root is not None and src.is_relative_to(root) else Path(src.name)
-    return (out / rel).with_suffix(suffix)
-
-
 def write_frames(path: Path, video: Tensor, fps: float) -> Path:
     """An image (T = 1, written as PNG unless the path says .mp4) or an mp4, atomically."""
     frames = to_uint8(video)
@@ -174,22 +195,29 @@ def _latent_frames(path: Path) -> int | None:
 
 def _run(args: argparse.Namespace, work) -> int:
     """Shared driver: resolve inputs and outputs, skip existing ones, report bad inputs, exit code."""
+    out = Path(args.out)
     try:
-        inputs, single = find_inputs(args.input)
+        inputs, single = find_inputs(args.input, latents=args.command == "decode")
+        if single and out.is_dir():
+            raise InputError(
+                f"--out {out} is a folder; with one input --out names the output file (e.g. "
+                f"{out / (inputs[0].stem + args.suffix_for(inputs[0]))})"
+            )
+        if not single and out.exists() and not out.is_dir():
+            raise InputError(f"--out {out} is a file; with several inputs --out names a folder")
+        root = Path(args.input) if Path(args.input).is_dir() else None
+        outputs = [out] if single else output_names(inputs, root, out, args.suffix_for)
         if not args.ckpt:
             raise InputError(CKPT_REQUIRED)
         model = load_tokenizer(args.ckpt, resolve_device(args.device))
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"cinedit tokenizer {args.command}: error: {e}", file=sys.stderr)
         return 2
-    root = Path(args.input) if Path(args.input).is_dir() else None
-    out = Path(args.out)
     if single and out.exists() and not args.overwrite:
         print(f"cinedit tokenizer {args.command}: error: {out} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     failed = 0
-    for src in tqdm(inputs, desc=args.command, unit="file", disable=single or args.quiet):
-        dst = _output(src, root, out, single, args.suffix_for(src))
+    for src, dst in tqdm(list(zip(inputs, outputs)), desc=args.command, unit="file", disable=single or args.quiet):
         if not single and dst.exists() and not args.overwrite:
             print(f"{dst} exists, kept (pass --overwrite to redo it)")
             continue
@@ -320,6 +348,7 @@ __all__ = [
     "InputError",
     "add_cli",
     "find_inputs",
+    "output_names",
     "load_latent",
     "read_clip",
     "reconstruct",
