@@ -4,8 +4,12 @@ configs of older runs, and the preset tables in step with the models."""
 from __future__ import annotations
 
 import json
+import pickle
+import random
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,6 +22,7 @@ from cinedit.generator import text
 from cinedit.runtime.dist import resolve_device
 from cinedit.runtime.files import atomic_path, write_json, write_text
 from cinedit.runtime.logs import MetricsLogger, read_metrics
+from cinedit.runtime.rng import load_rng_state, rng_state, save_rng_state, seed_everything, set_rng_state
 from cinedit.tokenizer import lpips as lpips_mod
 from cinedit.tokenizer import model as dcae
 from cinedit.tokenizer import train as tokenizer_train
@@ -114,3 +119,32 @@ def test_config_preset_names_match_the_models():
 def test_trainers_are_built_with_keywords():
     with pytest.raises(TypeError):
         tokenizer_train.Trainer(None, None, None, None, None, None, None, None)
+
+
+class _Boom:
+    """A pickle that runs code when loaded: what a crafted checkpoint file would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_rng_states_round_trip_without_pickle_and_a_crafted_file_runs_nothing(tmp_path):
+    seed_everything(3)
+    state = rng_state()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    save_rng_state(state, tmp_path / "rank-00000.safetensors")
+    seed_everything(99)
+    set_rng_state(load_rng_state(tmp_path / "rank-00000.safetensors"))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    # Checkpoints written before kept a pickled .pt: read through the weights-only loader.
+    torch.save(state, tmp_path / "legacy.pt")
+    set_rng_state(load_rng_state(tmp_path / "legacy.pt"))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    marker = tmp_path / "code_ran"
+    torch.save({"torch": _Boom(marker)}, tmp_path / "crafted.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        load_rng_state(tmp_path / "crafted.pt")
+    assert not marker.exists()

@@ -20,14 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cinedit.runtime.dist import DistInfo, barrier
 from cinedit.runtime.ema import EMA
 from cinedit.runtime.files import write_json, write_text
-from cinedit.runtime.rng import rng_state, set_rng_state
+from cinedit.runtime.rng import load_rng_state, rng_state, save_rng_state, set_rng_state
 
 CKPT_DIR = "ckpt"
 LATEST = "latest"
@@ -142,7 +141,7 @@ def save_training(
             booster.save_model(model, path / folder)
             booster.save_optimizer(optimizer, path / folder)
         (path / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), path / "rng" / f"rank-{info.rank:05d}.pt")
+        save_rng_state(rng_state(), path / "rng" / f"rank-{info.rank:05d}.safetensors")
         if info.is_main:
             if ema is not None:
                 weights = {k: v.contiguous().cpu() for k, v in ema.module.state_dict().items()}
@@ -173,7 +172,9 @@ def load_training(
     if ema is not None:
         ema.module.load_state_dict(load_file(str(path / "ema.safetensors"), device=str(info.device)))
         ema.updates = int(doc["ema_updates"])
-    rng = path / "rng" / f"rank-{info.rank:05d}.pt"
-    if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
+    # .pt: checkpoints written before the RNG states were stored as safetensors
+    candidates = [path / "rng" / f"rank-{info.rank:05d}{ext}" for ext in (".safetensors", ".pt")]
+    rng = next((f for f in candidates if f.is_file()), None)
+    if rng is not None:
+        set_rng_state(load_rng_state(rng))
     return doc
