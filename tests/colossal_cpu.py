@@ -25,7 +25,7 @@ What ColossalAI 0.5.0 does on torch 2.13 (CPU, gloo), found while writing `tests
   nn.Module. Its ZeRO refuses precision "fp32" (an assert, on every device).
 - ColossalAI's own optimizer checkpoints gather states to whole tensors (they reload under another process
   count) but never save the fp32 masters: loading rebuilds them from the working weights, inexact in bf16.
-  `cinedit.parallel` writes its own format for that reason.
+  `cinedit.runtime.checkpoint` writes its own format for that reason.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The boosters of `cinedit.parallel` on CPU processes: ZeRO-1/2 (LowLevelZeroPlugin), DDP, HybridParallelPlugin
+"""The boosters of `cinedit.runtime.booster` on CPU processes: ZeRO-1/2 (LowLevelZeroPlugin), DDP, HybridParallelPlugin
 with a cp group, and checkpoints that resume exactly under another number of processes.
 
 Three spawns (ColossalAI's import alone takes ~9 s a process): one process (references, a checkpoint), two
