@@ -16,13 +16,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cinedit.configs.core import ConfigError
 from cinedit.runtime.dist import DistInfo, barrier
 from cinedit.runtime.ema import EMA
 from cinedit.runtime.files import write_json, write_text
@@ -78,6 +81,77 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
         return None
     path = Path(run_dir) / CKPT_DIR / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why a checkpoint file cannot be read (missing, empty, truncated), checked from its header alone."""
+    if not path.is_file():
+        return "is missing"
+    if path.stat().st_size == 0:
+        return "is empty"
+    if path.suffix == ".safetensors":
+        try:  # the header's offsets must cover the file: a truncated file fails here
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types
+            return f"is unreadable ({type(e).__name__}: {e})"
+    elif path.suffix == ".pt" and not zipfile.is_zipfile(path):  # torch.save writes a zip; its directory is last
+        return "is truncated or not a torch file"
+    return None
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """What makes a checkpoint folder unusable (a missing, empty or truncated file, an unreadable index or
+    state.json), or None when every file it needs is there and readable."""
+    path = Path(path)
+    try:
+        int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{STATE_FILE} is missing or unreadable ({type(e).__name__}: {e})"
+    parts = [p for p in sorted(path.iterdir()) if p.is_dir() and p.name != "rng"]
+    if not parts:
+        return "it holds no model folder"
+    for part in parts:
+        for kind in ("model", "optimizer", *(("master",) if (part / INDEX.format("master")).exists() else ())):
+            index = part / INDEX.format(kind)
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                return f"{index.relative_to(path)} is missing or unreadable ({type(e).__name__})"
+            for name in files:
+                problem = _file_problem(part / name)
+                if problem:
+                    return f"{part.name}/{name} {problem}"
+    for extra in [path / "ema.safetensors", *sorted((path / "rng").glob("rank-*"))]:
+        problem = _file_problem(extra) if extra.exists() else None
+        if problem:
+            return f"{extra.relative_to(path)} {problem}"
+    return None
+
+
+def resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str]]:
+    """The checkpoint `--train.resume=auto` continues from: the one `latest` names, or, when that one is damaged or
+    `latest` is unreadable, the newest complete one; with a line per damaged checkpoint passed over. Checkpoint
+    folders with none complete are an error (never a silent restart at step 0)."""
+    root = Path(run_dir) / CKPT_DIR
+    steps = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    latest = latest_checkpoint(run_dir)
+    notes = []
+    if latest is None and steps:
+        notes.append(f"{root / LATEST} is missing or does not name a checkpoint folder")
+    damaged = []
+    for ckpt in ([latest] if latest is not None else []) + [p for p in steps if p != latest]:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt, notes + [f"{d} is damaged ({why}); resuming from {ckpt.name} instead" for d, why in damaged]
+        damaged.append((ckpt, problem))
+    if damaged:
+        listed = "; ".join(f"{d.name}: {why}" for d, why in damaged)
+        raise ConfigError(
+            f"no complete checkpoint in {root} ({listed}). Move the damaged folders out of {root} to start this run "
+            f"again from step 0, or use another out_dir (--train.overwrite=true would delete them)"
+        )
+    return None, notes
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path], None], info: DistInfo) -> Path:

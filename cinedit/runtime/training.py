@@ -4,6 +4,7 @@ before it, the EMA and the endless loader iterator."""
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from cinedit.configs import ConfigError, load_config, to_dict
-from cinedit.runtime.checkpoint import CKPT_DIR, STATE_FILE, latest_checkpoint
+from cinedit.runtime.checkpoint import CKPT_DIR, STATE_FILE, checkpoint_problem, resume_checkpoint
 from cinedit.runtime.dist import DistInfo, barrier, init_distributed
 from cinedit.runtime.files import save_config
 from cinedit.runtime.logs import METRICS_FILE, MetricsLogger, progress_bar
@@ -80,11 +81,17 @@ def prepare_run_dir(cfg: Any, info: DistInfo, run_control: tuple[str, ...]) -> P
             )
         return None
     if cfg.train.resume == "auto":
-        ckpt = latest_checkpoint(out)
+        ckpt, notes = resume_checkpoint(out)
+        if info.is_main:
+            for note in notes:
+                print(f"cinedit: train.resume=auto: {note}", file=sys.stderr)
     else:
         ckpt = Path(cfg.train.resume)
         if not (ckpt / STATE_FILE).is_file():
             raise ConfigError(f"train.resume: {ckpt} is not a checkpoint folder (no state.json)")
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise ConfigError(f"train.resume: {ckpt} is damaged: {problem}; name another checkpoint, or use auto")
     saved = out / "config.json"
     if ckpt is not None or products:
         if not saved.is_file():
@@ -136,7 +143,7 @@ def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) ->
         except FileNotFoundError as e:
             raise ConfigError(
                 f"cannot resume from {ckpt}: {e}. It may have been written before checkpoints were sharded: "
-                f"continue it with the cinedit version that wrote it, or start over with --train.overwrite=true"
+                f"continue it with the cinedit version that wrote it, or start this run in another out_dir"
             ) from None
         logger.truncate_after(tr.step)
     else:

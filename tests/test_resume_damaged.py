@@ -1,0 +1,59 @@
+"""`--train.resume=auto` on a damaged run: a truncated or missing checkpoint file, or a garbled `latest` pointer, falls
+back to the newest complete checkpoint with a line saying what is damaged, never silently to step 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cinedit.cli import main
+from cinedit.runtime.checkpoint import checkpoint_problem, resume_checkpoint
+from cinedit.runtime.logs import read_metrics
+
+
+def train(out: Path, meta: Path, steps: int, *extra: str) -> int:
+    argv = ["generator", "train", "debug", f"--data.meta={meta}", f"--train.out_dir={out}", "--train.progress=false"]
+    return main([*argv, f"--train.steps={steps}", "--train.ckpt_every=2", "--train.eval_every=0", *extra])
+
+
+@pytest.fixture
+def run(sample_data, tmp_path) -> Path:
+    out = tmp_path / "run"
+    assert train(out, sample_data[1], 4) == 0  # checkpoints at steps 2 and 4
+    assert checkpoint_problem(out / "ckpt" / "step-000004") is None
+    return out
+
+
+def steps_logged(out: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(out) if "loss" in r]
+
+
+def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(run, sample_data, capsys):
+    shard = run / "ckpt" / "step-000004" / "model" / "model-00000-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert "model/model-00000-of-00001.safetensors is unreadable" in checkpoint_problem(shard.parents[1])
+    capsys.readouterr()
+    assert train(run, sample_data[1], 6, "--train.resume=auto") == 0
+    err = capsys.readouterr().err
+    assert "step-000004 is damaged" in err and "resuming from step-000002" in err
+    assert steps_logged(run) == [1, 2, 3, 4, 5, 6]  # steps 3, 4 trained again, once each in the log
+
+
+def test_garbled_latest_pointer_resumes_from_the_newest_complete_checkpoint(run, sample_data, capsys):
+    (run / "ckpt" / "latest").write_text("step-9x9\n")
+    assert resume_checkpoint(run)[0] == run / "ckpt" / "step-000004"
+    capsys.readouterr()
+    assert train(run, sample_data[1], 5, "--train.resume=auto") == 0
+    assert "does not name a checkpoint folder" in capsys.readouterr().err
+    assert steps_logged(run) == [1, 2, 3, 4, 5]  # not a restart at step 0 over the old log
+
+
+def test_no_complete_checkpoint_is_an_error_that_deletes_nothing(run, sample_data, capsys):
+    for step in ("step-000002", "step-000004"):
+        (run / "ckpt" / step / "state.json").write_text("")
+    assert train(run, sample_data[1], 6, "--train.resume=auto") == 2
+    err = capsys.readouterr().err
+    assert "no complete checkpoint" in err and "state.json is missing or unreadable" in err
+    assert sorted(p.name for p in (run / "ckpt").glob("step-*")) == ["step-000002", "step-000004"]
+    assert steps_logged(run) == [1, 2, 3, 4]
