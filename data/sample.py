@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cinedit.data.index import build_index
 from cinedit.data.meta import write_meta
-from cinedit.data.video import ClipReader, fill_size, write_video
+from cinedit.data.video import ClipReader, fill_size, to_rgb, write_video
 from cinedit.runtime.dist import barrier, world_rank
 from cinedit.runtime.training import SAMPLE_DATA
 
@@ -216,7 +216,7 @@ def build_sample_data(out: str | Path, overwrite: bool = False, progress: bool =
         bar.update()
     for photo in PHOTOS:
         with Image.open(src_photos / photo.source) as im:
-            im.convert("RGB").save(out / "images" / f"{photo.name}.png")
+            to_rgb(im).save(out / "images" / f"{photo.name}.png")
         (out / "images" / f"{photo.name}.txt").write_text(photo.text + "\n")
         bar.update()
     bar.close()

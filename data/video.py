@@ -299,6 +299,31 @@ def read_video(
     return _to_tensor(frames)
 
 
+# What transparent pixels of an image become (`to_rgb`): white, as a page or a viewer shows them.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of any PIL image: 16- and 32-bit integer images scaled down (not clipped: `convert("RGB")`
+    saturates a 16-bit grey image to near white), transparency composited over `ALPHA_BACKGROUND` (dropping alpha
+    would show whatever RGB the transparent pixels hide)."""
+    if im.mode.startswith("I") or im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if im.mode.startswith("I") and arr.max(initial=0) > 65535:
+            top = float(2**32 - 1)
+        if im.mode == "F":
+            top = 1.0 if arr.max(initial=0) <= 1.0 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Read an image as float (C, 1, H, W) in [-1, 1], resized to fill `size` and centre-cropped."""
     path = str(path)
@@ -306,7 +331,7 @@ def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
         raise MediaError(f"{path}: {'empty file (0 bytes)' if os.path.isfile(path) else 'no such file'}")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = to_rgb(im)
             if size is not None:
                 h, w = fill_size(im.height, im.width, size)
                 if (h, w) != (im.height, im.width):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -153,3 +154,20 @@ def test_out_naming_a_folder_for_one_input_is_a_clear_error(ckpt, clips, tmp_pat
     err = capsys.readouterr().err
     assert "is a folder" in err and "Traceback" not in err
     assert list((tmp_path / "recs").iterdir()) == []  # no temp file left behind
+
+
+def test_pad_of_an_odd_sized_clip_writes_an_even_mp4(ckpt, tmp_path):
+    # A 37x45 clip (H.264 needs even sides) used to be encoded and decoded, then fail when the mp4 was written.
+    src = tmp_path / "odd.mkv"  # lossless, which write_video (H.264) cannot write at odd sizes
+    with av.open(str(src), "w") as f:
+        stream = f.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 45, 37, "yuv444p"
+        for i in range(4):
+            img = np.full((37, 45, 3), 40 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                f.mux(packet)
+        for packet in stream.encode():
+            f.mux(packet)
+    out = tmp_path / "rec.mp4"
+    assert run("reconstruct", str(src), "--out", str(out), "--ckpt", ckpt, "--pad") == 0
+    assert (probe(out).height, probe(out).width, probe(out).num_frames) == (38, 46, 4)

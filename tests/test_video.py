@@ -114,3 +114,18 @@ def test_write_rejects_bad_input(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         write_video(tmp_path / "f.mp4", np.zeros((2, 32, 32, 3), np.float32), 24)
     assert not list(tmp_path.iterdir())
+
+
+def test_16_bit_and_transparent_images_read_as_they_look(tmp_path):
+    # A 16-bit grey ramp read almost white (8-bit mean 123.5 -> 253); alpha was dropped, showing the hidden RGB.
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    x = (read_image(tmp_path / "g16.png") + 1) * 127.5
+    assert abs(float(x.mean()) - 127.5) < 1 and torch.equal(x[0], x[1])
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255  # red hidden under alpha 0 on the left half, shown opaque on the right
+    rgba[:, 4:, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "a.png")
+    y = ((read_image(tmp_path / "a.png") + 1) * 127.5).round()[:, 0]  # (3, H, W)
+    assert torch.all(y[:, :, :4] == 255)  # transparent: the white background
+    assert torch.all(y[0, :, 4:] == 255) and torch.all(y[1:, :, 4:] == 0)  # opaque red stays red

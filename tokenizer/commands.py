@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -156,12 +157,16 @@ def _tiling(args: argparse.Namespace) -> TilingConfig:
 
 
 def write_frames(path: Path, video: Tensor, fps: float) -> Path:
-    """An image (T = 1, written as PNG unless the path says .mp4) or an mp4, atomically."""
+    """An image (T = 1, written as PNG unless the path says .mp4) or an mp4, atomically. H.264 needs even sides: a
+    video of odd height or width (a `--pad` input cropped back) gets its last row / column repeated."""
     frames = to_uint8(video)
     if frames.shape[0] == 1 and path.suffix.lower() != ".mp4":
         with atomic_path(path) as tmp:
             Image.fromarray(frames[0]).save(tmp)
         return path
+    h, w = frames.shape[1:3]
+    if h % 2 or w % 2:
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     return write_video(path, frames, fps if fps > 0 else 24.0)
 
 
