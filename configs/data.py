@@ -75,12 +75,18 @@ class DataConfig:
     seed: int = 42
     # Read latents and text embeddings from this cache (`cinedit data cache`) instead of decoding video.
     cache_dir: str = ""
+    # A file that went bad after indexing (deleted, truncated, unreadable) is reported, skipped and replaced by the
+    # next sample that fills the same bucket; more bad files than this share of the data (at least one is always
+    # tolerated) stop the run.
+    max_bad_fraction: float = 0.01
 
     def validate(self) -> None:
         if self.frame_stride < 0:
             raise ConfigError(f"data.frame_stride must be >= 0 (0 means ceil(fps/24)), got {self.frame_stride}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 
 
 def debug_buckets() -> BucketConfig:

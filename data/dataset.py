@@ -8,6 +8,7 @@ table for the sampler, so training swaps one for the other.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,11 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from cinedit.configs.core import ConfigError
 from cinedit.configs.data import DataConfig
 from cinedit.data.cache import CacheReader
 from cinedit.data.meta import read_meta
-from cinedit.data.video import frame_stride, read_video
+from cinedit.data.video import MediaError, frame_stride, num_sampled_frames, read_video
 
 # Tensors that may differ in length within a batch (text tokens): right-padded, with a `<key>_mask`.
 PADDED_KEYS = ("txt",)
@@ -46,6 +48,7 @@ class VideoDataset(Dataset):
         self.meta = read_meta(meta) if isinstance(meta, (str, os.PathLike)) else meta.reset_index(drop=True)
         self.config = config or DataConfig()
         self.config.validate()
+        self.bad: set[int] = set()  # indices found unreadable (per process: each loader worker keeps its own)
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -56,6 +59,14 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, item: Sequence[int]) -> dict[str, Any]:
         index, t, h, w, seed = _unpack(item)
+        for candidate in self._candidates(index, t):
+            try:
+                return self._read(candidate, t, h, w, seed)
+            except (MediaError, OSError) as e:
+                self._bad_sample(candidate, e)
+        raise ConfigError(f"no sample of the data can fill a {t}x{h}x{w} batch entry: every candidate is unreadable")
+
+    def _read(self, index: int, t: int, h: int, w: int, seed: int) -> dict[str, Any]:
         row = self.meta.iloc[index]
         fps = float(row["fps"])
         stride = self.stride(fps)
@@ -77,6 +88,35 @@ class VideoDataset(Dataset):
             "index": index,
             "path": str(row["path"]),
         }
+
+    def _candidates(self, index: int, t: int):
+        """`index`, then (when it is unreadable) the next samples, in order and wrapping, that can fill a `t`-frame
+        entry of the same bucket (an image for t = 1, a clip long enough at its stride otherwise): the same
+        replacement on every run, so resuming stays exact."""
+        yield index
+        n = len(self.meta)
+        for j in (index + k for k in range(1, n)):
+            j %= n
+            if j in self.bad:
+                continue
+            frames, fps = int(self.meta["num_frames"].iloc[j]), float(self.meta["fps"].iloc[j])
+            if (t == 1 and frames == 1) or (t > 1 and num_sampled_frames(frames, self.stride(fps)) >= t):
+                yield j
+
+    def _bad_sample(self, index: int, error: Exception) -> None:
+        """Report a sample that cannot be read, once, and stop when too much of the data is bad."""
+        if index in self.bad:
+            return
+        self.bad.add(index)
+        path = self.meta["path"].iloc[index]
+        print(f"cinedit: skipped an unreadable sample ({len(self.bad)} so far): {path}: {error}", file=sys.stderr)
+        limit = max(1, int(self.config.max_bad_fraction * len(self.meta)))
+        if len(self.bad) > limit:
+            raise ConfigError(
+                f"{len(self.bad)} of {len(self.meta)} samples are unreadable (more than data.max_bad_fraction="
+                f"{self.config.max_bad_fraction}), the last {path}: check the files, re-index them with `cinedit "
+                f"data index` (and `data filter`), or raise --data.max_bad_fraction"
+            )
 
 
 class CachedLatentDataset(Dataset):
