@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in GROUPS:
         return group_main(argv[0], argv[1:])
     if argv[0] in MAINS:
-        return int(importlib.import_module(MAINS[argv[0]][0]).main(argv[1:]) or 0)
+        from cinedit.runtime.cli import run_command  # here, not at the top: keeps `cinedit --help` fast
+
+        module = importlib.import_module(MAINS[argv[0]][0])
+        return run_command(lambda _: module.main(argv[1:]), None, f"cinedit {argv[0]}")
     print(f"cinedit: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
     return 2
 

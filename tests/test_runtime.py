@@ -3,6 +3,7 @@ configs of older runs, and the preset tables in step with the models."""
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import random
@@ -12,14 +13,18 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
+from cinedit.cli import main
 from cinedit.configs import PRESETS, ConfigError, load_config, resolve, to_dict
 from cinedit.configs.generator import MMDIT_PRESETS, TEXT_ENCODERS, GeneratorTrainConfig
 from cinedit.configs.tokenizer import DCAE_PRESETS, LPIPS_NETS
+from cinedit.data import index as data_index
 from cinedit.generator import model as mmdit
 from cinedit.generator import text
-from cinedit.runtime.dist import resolve_device
+from cinedit.runtime.checkpoint import save_checkpoint
+from cinedit.runtime.dist import DistInfo, resolve_device
 from cinedit.runtime.files import atomic_path, write_json, write_text
 from cinedit.runtime.logs import MetricsLogger, read_metrics
 from cinedit.runtime.rng import load_rng_state, rng_state, save_rng_state, seed_everything, set_rng_state
@@ -148,3 +153,30 @@ def test_rng_states_round_trip_without_pickle_and_a_crafted_file_runs_nothing(tm
     with pytest.raises(pickle.UnpicklingError):
         load_rng_state(tmp_path / "crafted.pt")
     assert not marker.exists()
+
+
+def test_a_full_disk_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "meta.csv"))
+
+    monkeypatch.setattr(data_index, "write_meta", full)
+    (tmp_path / "clips").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "clips" / "a.png")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "clips" / "b.png")
+    argv = ["data", "index", str(tmp_path / "clips"), "--out", str(tmp_path / "out" / "meta.csv"), "--quiet"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("Earlier outputs are intact.") and "No space left on device" in err and "MiB free" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_failed_checkpoint_write_leaves_no_temporary_folder(tmp_path):
+    info = DistInfo(0, 1, 0, torch.device("cpu"))
+
+    def full(path):
+        (path / "half.bin").write_bytes(b"x")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 3, full, info)
+    assert list((tmp_path / "ckpt").iterdir()) == []

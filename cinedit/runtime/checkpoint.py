@@ -156,8 +156,8 @@ def resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path], None], info: DistInfo) -> Path:
     """Write a checkpoint atomically: `write(tmp_dir)` runs on every rank into `.step-N.tmp`, which rank 0 renames
-    to `step-N` and then points `latest` at. A crash inside `write` leaves only the temporary folder behind
-    (removed by the next save) and `latest` on the previous checkpoint.
+    to `step-N` and then points `latest` at. An error inside `write` (a full disk) removes the temporary folder and
+    leaves `latest` on the previous checkpoint; a kill leaves the folder for the next save to remove.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
@@ -166,7 +166,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        # A full disk or a kill mid-write: leave no half-written folder behind (`latest` still names the previous).
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     barrier()
     if info.is_main:
         if final.exists():  # the same step saved again (a resumed run): replace the old copy

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cinedit.configs import PRESETS, ConfigError, config_from_argv
@@ -22,10 +25,41 @@ def command_group(prog: str, description: str, modules: list[str]) -> argparse.A
     return parser
 
 
+# Errors of the disk rather than of the input: reported in one line (which path, and the space left), exit 1.
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+def disk_error(e: OSError, prog: str = "cinedit") -> str | None:
+    """The one line a full disk or a read-only / forbidden output gets, or None for other errors."""
+    if e.errno not in DISK_ERRNOS:
+        return None
+    where = e.filename or "an output file"
+    folder = Path(where).parent if e.filename else Path.cwd()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 2**20:.0f} MiB free on that disk"
+    except OSError:
+        free = ""
+    return f"{prog}: error: cannot write {where}: {e.strerror}{free}. Earlier outputs are intact."
+
+
+def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace, prog: str = "cinedit") -> int:
+    """Run a parsed command; a disk error (full, read-only) becomes one clear line and exit code 1."""
+    try:
+        return int(func(args) or 0)
+    except OSError as e:
+        message = disk_error(e, prog)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
+
+
 def run_group(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse `argv` with a `command_group` parser and run the chosen subcommand."""
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    return run_command(args.func, args, parser.prog)
 
 
 def add_train_cli(subparsers: Any, kind: str, fit: Callable[[Any, str], Any], help: str, description: str) -> Any:
@@ -64,4 +98,4 @@ def train_main(kind: str, add_cli: Callable[[Any], Any], argv: list[str] | None 
     parser = argparse.ArgumentParser(prog=f"python -m cinedit.{kind}.train")
     add_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return run_command(args.func, args, parser.prog)
