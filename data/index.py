@@ -58,12 +58,19 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def find_media(root: str | os.PathLike) -> list[Path]:
-    """Videos and images under `root` (recursive, by extension), sorted; hidden files and folders are skipped."""
+    """Videos and images under `root` (recursive, by extension), sorted; hidden files and folders are skipped.
+    Symlinked folders are followed (a dataset is often a folder of links to disks); a folder reached a second time
+    (a link loop, or two links to one folder) is walked once."""
     root = Path(root)
-    found = []
-    for folder, dirs, files in os.walk(root):
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         # Hidden entries are editor, OS or half-written temporary files (`atomic_path`'s `.<stem>.tmp.mp4`).
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.realpath(Path(folder, d)) not in seen)
         for name in files:
             if not name.startswith(".") and (is_video(name) or is_image(name)):
                 found.append(Path(folder, name))

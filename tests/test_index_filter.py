@@ -18,7 +18,7 @@ from PIL import Image
 
 from cinedit.cli import group_main
 from cinedit.data.filter import filter_meta, frame_scores
-from cinedit.data.index import build_index
+from cinedit.data.index import build_index, find_media
 from cinedit.data.meta import COLUMNS, MetaError, read_meta
 from cinedit.data.video import write_video
 
@@ -308,3 +308,16 @@ def test_unusable_meta_files_name_the_file_and_the_column(tmp_path, capsys):
         read_meta(nan)
     assert main(["filter", str(nan), "--out", str(tmp_path / "out.csv")]) == 1
     assert "column 'num_frames'" in capsys.readouterr().err and not (tmp_path / "out.csv").exists()
+
+
+def test_symlinked_folders_are_followed_and_loops_walked_once(tmp_path):
+    # A folder of links to the real data used to be skipped without a report line.
+    outside = tmp_path / "disk" / "shots"
+    outside.mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(outside / "a.png")
+    root = tmp_path / "dataset"
+    root.mkdir()
+    (root / "shots").symlink_to(outside, target_is_directory=True)
+    (outside / "loop").symlink_to(root, target_is_directory=True)  # a link cycle must not recurse forever
+    files = find_media(root)
+    assert [p.relative_to(root).as_posix() for p in files] == ["shots/a.png"]
