@@ -23,6 +23,12 @@ def resolve(kind: str, name_or_path: str, overrides: list[str] | None = None) ->
     path = Path(name_or_path)
     if path.suffix == ".json" or (path.is_dir() and (path / CONFIG_FILE).is_file()) or os.sep in name_or_path:
         cfg = load_config(path)
+        run_dir = path.parent if path.suffix == ".json" else path
+        train = getattr(cfg, "train", None)
+        if train is not None and hasattr(train, "out_dir") and (run_dir / CONFIG_FILE).is_file():
+            # A re-launched run folder continues in itself, also when it was copied or moved (its config.json still
+            # names the folder it was started in); --train.out_dir overrides.
+            train.out_dir = str(run_dir)
     else:
         table = PRESETS.get(kind, {})
         if name_or_path not in table:

@@ -8,6 +8,7 @@ from cinedit.configs.core import ConfigError
 
 # Fields a resumed run may change without becoming a different run (each trainer adds its own).
 RUN_CONTROL = (
+    "train.out_dir",  # a run folder may be copied or moved, and resumed where it is
     "train.steps",
     "train.log_every",
     "train.eval_every",

@@ -3,6 +3,7 @@ back to the newest complete checkpoint with a line saying what is damaged, never
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def test_no_complete_checkpoint_is_an_error_that_deletes_nothing(run, sample_dat
     assert "no complete checkpoint" in err and "state.json is missing or unreadable" in err
     assert sorted(p.name for p in (run / "ckpt").glob("step-*")) == ["step-000002", "step-000004"]
     assert steps_logged(run) == [1, 2, 3, 4]
+
+
+def test_a_copied_run_folder_resumes_into_itself(run, sample_data, tmp_path):
+    # Re-launching a copy trained into the original folder (its config.json names it).
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = (run / "metrics.jsonl").read_text()
+    assert main(["generator", "train", str(copy), "--train.steps=6", "--train.resume=auto"]) == 0
+    assert (run / "metrics.jsonl").read_text() == before  # the original is untouched
+    assert [r["step"] for r in read_metrics(copy) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert resume_checkpoint(copy)[0] == copy / "ckpt" / "step-000006"
