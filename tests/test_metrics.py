@@ -10,6 +10,8 @@ import torch
 from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from cinedit.eval.bench import peak_memory
+from cinedit.tokenizer import metrics
 from cinedit.tokenizer.metrics import psnr, ssim
 
 
@@ -82,3 +84,16 @@ def test_public_api_is_one_value_per_video():
     assert ev.psnr is psnr and ev.ssim is ssim and callable(ev.lpips)
     assert ev.psnr(torch.cat([x, y]), torch.cat([y, x])).shape == (2,)
     assert ev.psnr(x[0], y[0]).shape == (1,)  # one (C, T, H, W) video
+
+
+def test_memory_is_bounded_by_a_chunk_not_by_the_clip(monkeypatch):
+    # The whole clip in float64 at once: 8 frames at 360p took ~3 GB for SSIM (a 64-frame 720p clip ~95 GB).
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 8, 360, 640) * 2 - 1
+    y = (x + 0.05 * torch.randn_like(x)).clamp(-1, 1)
+    with peak_memory(torch.device("cpu")) as mem:
+        s, p = ssim(x, y), psnr(x, y)
+    assert mem["peak_mb"] < 1000, mem
+    monkeypatch.setattr(metrics, "CHUNK_VALUES", 10**12)  # one chunk: the same numbers
+    torch.testing.assert_close(ssim(x, y), s, rtol=0, atol=1e-7)
+    torch.testing.assert_close(psnr(x, y), p, rtol=0, atol=1e-5)
