@@ -44,10 +44,15 @@ def _unpack(item: Sequence[int]) -> tuple[int, int, int, int, int]:
 class VideoDataset(Dataset):
     """Clips decoded at their bucket's (T, H, W): stride from fps, seeded random temporal crop, fill + centre crop."""
 
-    def __init__(self, meta: pd.DataFrame | str | os.PathLike, config: DataConfig | None = None):
+    def __init__(
+        self, meta: pd.DataFrame | str | os.PathLike, config: DataConfig | None = None, replace_bad: bool = False
+    ):
         self.meta = read_meta(meta) if isinstance(meta, (str, os.PathLike)) else meta.reset_index(drop=True)
         self.config = config or DataConfig()
         self.config.validate()
+        # Training (replace_bad): an unreadable sample is reported and replaced (`_candidates`), so a step keeps its
+        # shape; elsewhere (caching, evaluation) it raises MediaError for the caller to report and skip.
+        self.replace_bad = replace_bad
         self.bad: set[int] = set()  # indices found unreadable (per process: each loader worker keeps its own)
 
     def __len__(self) -> int:
@@ -59,6 +64,8 @@ class VideoDataset(Dataset):
 
     def __getitem__(self, item: Sequence[int]) -> dict[str, Any]:
         index, t, h, w, seed = _unpack(item)
+        if not self.replace_bad:
+            return self._read(index, t, h, w, seed)
         for candidate in self._candidates(index, t):
             try:
                 return self._read(candidate, t, h, w, seed)

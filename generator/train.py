@@ -150,7 +150,8 @@ def build_dataset(cfg: GeneratorTrainConfig, info: DistInfo, tokenizer: Any) -> 
             raise ConfigError(f"data.cache_dir: {e}") from None
         check_cache(ds, cfg, tokenizer)
         return ds
-    return VideoDataset(read_meta(run_meta(dcfg.meta, cfg.train.out_dir, cfg.train.progress)), dcfg)
+    meta = read_meta(run_meta(dcfg.meta, cfg.train.out_dir, cfg.train.progress))
+    return VideoDataset(meta, dcfg, replace_bad=True)  # a file gone bad since indexing must not end the run
 
 
 def build_loader(ds: Dataset, cfg: GeneratorTrainConfig, rank: int, size: int, seed: int) -> BucketLoader:

@@ -12,6 +12,7 @@ from cinedit.cli import main
 from cinedit.configs import ConfigError, DataConfig
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta
+from cinedit.data.video import MediaError
 from cinedit.runtime.logs import read_metrics
 
 
@@ -29,12 +30,14 @@ def meta(sample_data, tmp_path):
 
 def test_an_unreadable_sample_is_replaced_by_the_next_that_fits(meta, capsys):
     path, gone, index = meta
-    ds = VideoDataset(read_meta(path), DataConfig(meta=str(path)))
+    ds = VideoDataset(read_meta(path), DataConfig(meta=str(path)), replace_bad=True)
     item = ds[(index, 8, 64, 64, 7)]
     assert item["index"] != index and item["video"].shape == (3, 8, 64, 64)
     assert ds[(index, 8, 64, 64, 7)]["index"] == item["index"]  # the same replacement every time
     err = capsys.readouterr().err
     assert err.count("skipped an unreadable sample") == 1 and gone in err  # reported once, with its path
+    with pytest.raises(MediaError, match="no such file"):  # outside training (caching, eval) the caller reports it
+        VideoDataset(read_meta(path), DataConfig(meta=str(path)))[(index, 8, 64, 64, 7)]
 
 
 def test_too_many_bad_samples_stop_with_a_clear_message(meta):
@@ -42,7 +45,9 @@ def test_too_many_bad_samples_stop_with_a_clear_message(meta):
     rows = read_meta(path)
     for p in rows.loc[rows["num_frames"] > 1, "path"][1:3]:
         Path(p).unlink()
-    ds = VideoDataset(rows, DataConfig(meta=str(path), max_bad_fraction=0.0))  # at least one is always tolerated
+    ds = VideoDataset(
+        rows, DataConfig(meta=str(path), max_bad_fraction=0.0), replace_bad=True
+    )  # at least one is always tolerated
     with pytest.raises(ConfigError, match="samples are unreadable.*max_bad_fraction"):
         for i in rows.index[rows["num_frames"] > 1]:
             ds[(int(i), 8, 64, 64, 0)]

@@ -3,7 +3,12 @@ back to the newest complete checkpoint with a line saying what is damaged, never
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,3 +74,22 @@ def test_a_copied_run_folder_resumes_into_itself(run, sample_data, tmp_path):
     assert (run / "metrics.jsonl").read_text() == before  # the original is untouched
     assert [r["step"] for r in read_metrics(copy) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert resume_checkpoint(copy)[0] == copy / "ckpt" / "step-000006"
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_and_a_stale_lock_taken_over(run, sample_data, capsys):
+    # Two runs on one out_dir both proceeded and interleaved metrics.jsonl.
+    lock = run / "run.lock"
+    assert not lock.exists()  # released when the run ended
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a live process: the owner
+    try:
+        lock.write_text(json.dumps({"pid": helper.pid, "host": socket.gethostname(), "started": "now"}))
+        assert train(run, sample_data[1], 6, "--train.resume=auto") == 2
+        assert f"in use by pid {helper.pid}" in capsys.readouterr().err
+        assert steps_logged(run) == [1, 2, 3, 4]
+    finally:
+        helper.kill()
+        helper.wait()
+    assert train(run, sample_data[1], 5, "--train.resume=auto") == 0  # its owner is gone: taken over
+    assert f"taking over {lock} of pid {helper.pid}" in capsys.readouterr().err
+    assert steps_logged(run) == [1, 2, 3, 4, 5] and not lock.exists()

@@ -139,7 +139,7 @@ def build_data(cfg: TokenizerTrainConfig, info: DistInfo) -> TrainData:
     n_img = min(info.world_size - 1, round(share * info.world_size)) if info.world_size > 1 else 0
 
     def loader(m: pd.DataFrame, rank: int, size: int) -> BucketLoader:
-        ds: Dataset = VideoDataset(m, dcfg)
+        ds: Dataset = VideoDataset(m, dcfg, replace_bad=True)  # a bad file must not end the run
         if dcfg.square:
             ds = SquareCrops(ds, dcfg.buckets.multiple)
         sampler = build_sampler(ds, dcfg, rank, size)

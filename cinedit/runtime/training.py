@@ -3,10 +3,14 @@ before it, the EMA and the endless loader iterator."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ import torch
 
 from cinedit.configs import ConfigError, load_config, to_dict
 from cinedit.runtime.checkpoint import CKPT_DIR, STATE_FILE, checkpoint_problem, resume_checkpoint
-from cinedit.runtime.dist import DistInfo, barrier, init_distributed
+from cinedit.runtime.dist import DistInfo, all_gather_objects, barrier, init_distributed
 from cinedit.runtime.files import save_config
 from cinedit.runtime.logs import METRICS_FILE, MetricsLogger, progress_bar
 
@@ -42,6 +46,7 @@ def forever(loader: Any) -> Iterator[Any]:
 
 RUN_PRODUCTS = ("config.json", METRICS_FILE, CKPT_DIR, "tb", "model")
 SAMPLE_DATA = "sample_data"  # where presets without a meta build the sample dataset, inside out_dir
+LOCK_FILE = "run.lock"  # held while a run trains (pid, host): a second run on the same out_dir is refused
 
 
 def _comparable(cfg: Any, run_control: tuple[str, ...]) -> dict[str, Any]:
@@ -61,7 +66,8 @@ def prepare_run_dir(cfg: Any, info: DistInfo, run_control: tuple[str, ...]) -> P
     """
     out = Path(cfg.train.out_dir)
     products = [out / p for p in RUN_PRODUCTS if (out / p).exists()]
-    others = [p for p in out.iterdir() if p.name not in (*RUN_PRODUCTS, SAMPLE_DATA)] if out.is_dir() else []
+    allowed = (*RUN_PRODUCTS, SAMPLE_DATA, LOCK_FILE)
+    others = [p for p in out.iterdir() if p.name not in allowed] if out.is_dir() else []
     if cfg.train.overwrite:
         if info.is_main:
             for p in products:
@@ -122,13 +128,79 @@ class TrainHooks:
     loss_key: str = "loss"  # the scalar the progress bar shows
 
 
+def _take_lock(out: Path) -> str | None:
+    """Create `<out>/run.lock` (pid, host, start time) exclusively; returns why not when a live run holds it. A lock
+    whose process is gone (killed; on this host) is taken over with a message."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text())
+                pid, host, since = int(owner["pid"]), str(owner["host"]), owner.get("started", "?")
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host, since = -1, mine["host"], "?"  # garbled: nobody can be checked, so nobody holds it
+            if host != mine["host"]:
+                return (
+                    f"train.out_dir {out} is locked by pid {pid} on host {host} (since {since}); two runs must not "
+                    f"share an out_dir. If that run is no longer alive, delete {path}"
+                )
+            if pid != mine["pid"] and _alive(pid):
+                return (
+                    f"train.out_dir {out} is in use by pid {pid} on this host (since {since}): wait for that run to "
+                    f"end, or use another out_dir"
+                )
+            print(f"cinedit: taking over {path} of pid {pid}, which is no longer running", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(mine, f)
+        return None
+    return f"could not take {path}: another run keeps creating it"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(out: Path, info: DistInfo) -> Iterator[None]:
+    """Hold `<out>/run.lock` for a run (the main rank takes it, every rank learns the outcome); a second run on the
+    same out_dir is refused with the owner's pid and host."""
+    problem = _take_lock(out) if info.is_main else None
+    problem = all_gather_objects(problem)[0]
+    if problem:
+        raise ConfigError(problem)
+    try:
+        yield
+    finally:
+        if info.is_main:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+
+
 def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) -> dict[str, float]:
-    """The loop both trainers run: run-dir checks, resume, steps, logging, evaluation, checkpoints, export.
+    """The loop both trainers run: a run lock, run-dir checks, resume, steps, logging, evaluation, checkpoints, export.
 
     Returns the last logged scalars and evaluation metrics, plus `seconds`. A step's `tokens` scalar (if any) is
     logged as `tokens_per_s` over the step's wall time, data loading included.
     """
     info = init_distributed(cfg.train.device)
+    with run_lock(Path(cfg.train.out_dir), info):
+        return _run_training(cfg, hooks, preset_name, info)
+
+
+def _run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None, info: DistInfo) -> dict[str, float]:
     t0 = time.time()
     ckpt = prepare_run_dir(cfg, info, hooks.run_control)
     barrier()  # every rank has checked out_dir before the main rank writes into it
