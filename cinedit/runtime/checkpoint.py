@@ -156,8 +156,8 @@ def resume_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[str
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path], None], info: DistInfo) -> Path:
     """Write a checkpoint atomically: `write(tmp_dir)` runs on every rank into `.step-N.tmp`, which rank 0 renames
-    to `step-N` and then points `latest` at. An error inside `write` (a full disk) removes the temporary folder and
-    leaves `latest` on the previous checkpoint; a kill leaves the folder for the next save to remove.
+    to `step-N` and then points `latest` at. An error inside `write` (a full disk) leaves `latest` on the previous
+    checkpoint and, in a one-process run, removes the temporary folder; otherwise the next save removes it.
     """
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".{final.name}.tmp")
@@ -169,8 +169,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, write: Callable[[Path
     try:
         write(tmp)
     except BaseException:
-        # A full disk or a kill mid-write: leave no half-written folder behind (`latest` still names the previous).
-        if info.is_main:
+        # A full disk mid-write: leave no half-written folder behind (`latest` still names the previous). With
+        # several processes the others may still be writing into it: the next save removes it instead.
+        if info.is_main and info.world_size == 1:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     barrier()
