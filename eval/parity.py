@@ -156,6 +156,10 @@ CHECKS = {
     "mmdit": "cinedit.eval.parity_mmdit:check_mmdit",
     "sampling_tables": "cinedit.eval.parity_sampling:check_sampling_tables",
     "sampling_i2v": "cinedit.eval.parity_sampling:check_sampling_i2v",
+    "hunyuan_vae": "cinedit.eval.parity_vae:check_hunyuan_vae",
+    "flux_ae": "cinedit.eval.parity_vae:check_flux_ae",
+    "flux": "cinedit.eval.parity_mmdit:check_flux",
+    "pipeline": "cinedit.eval.parity_pipeline:check_pipeline",
 }
 
 
@@ -164,6 +168,14 @@ def component_of(meta: dict, path: Path) -> str:
     text = f"{meta.get('component', '')} {path.name}".lower()
     if "keys" in meta and "file" not in meta:
         return "schema"
+    if "components" in meta or path.name.startswith("pipeline_"):
+        return "pipeline"
+    if "hunyuan_vae" in text or "hunyuanvae" in text:
+        return "hunyuan_vae"
+    if "autoencoder_2d" in text or "flux_ae" in text:
+        return "flux_ae"
+    if "img_flux" in text or "flux_dev" in text:
+        return "flux"
     if "dc-ae" in text or "dcae" in text:
         return "dcae"
     if "mmdit_config" in meta or "sampling_i2v" in text or "denoise" in str(meta.get("call", "")).lower():
