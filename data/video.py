@@ -344,6 +344,34 @@ def read_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
     return _to_tensor(arr[None])
 
 
+def resize_crop(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The release's `resize_crop` of a reference image: scale (bicubic, one step) to cover `size` = (H, W), then
+    crop the centre with offsets int(round((side - target) / 2)); an (H, W, 3) uint8 array."""
+    th, tw = size
+    im = to_rgb(im)
+    w, h = im.size
+    rh, rw = th / h, tw / w
+    new = (round(w * rh), th) if rh > rw else (tw, round(h * rw))
+    if new != (w, h):
+        im = im.resize(new, Image.Resampling.BICUBIC)
+    sw, sh = im.size
+    top, left = int(round((sh - th) / 2)), int(round((sw - tw) / 2))
+    return np.asarray(im)[top : top + th, left : left + tw]
+
+
+def read_reference(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tensor:
+    """A reference image for image-to-video as the release reads it (`resize_crop`): float (3, 1, H, W) in [-1, 1]."""
+    path = str(path)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        raise MediaError(f"{path}: {'empty file (0 bytes)' if os.path.isfile(path) else 'no such file'}")
+    try:
+        with Image.open(path) as im:
+            arr = resize_crop(im, size)
+    except OSError as e:
+        raise MediaError(f"{path}: not a readable image ({e})") from None
+    return _to_tensor(arr[None])
+
+
 def to_uint8(video: torch.Tensor) -> np.ndarray:
     """float (C, T, H, W) in [-1, 1] -> uint8 (T, H, W, C)."""
     if video.ndim != 4:

@@ -44,6 +44,9 @@ class Pipeline:
     text_config: TextEncoderConfig
     sampler: SamplerConfig
     fps: float
+    # Text-to-image-to-video: the Flux.1-dev model and its 2D autoencoder that make the first frame.
+    t2i_generator: Any = None
+    t2i_tokenizer: Any = None
 
 
 def check_compatible(generator: Any, tokenizer: Any, text_config: TextEncoderConfig, text: TextEncoder | None) -> None:

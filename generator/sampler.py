@@ -18,6 +18,7 @@ from cinedit.generator.flow import get_schedule, token_count
 from cinedit.generator.math import make_ids, make_txt_ids, pack, unpack
 
 OSCI_START = 10  # oscillating guidance leaves the first steps alone
+WRITE_BACK = ("all", "first", "none")
 
 
 def _oscillate(scale: float, step: int, on: bool) -> float:
@@ -119,13 +120,24 @@ def sample(
     condition: Condition | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    write_back: str = "all",
+    trace: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sample latents (B, C, T, H, W) from seeded noise; the given region of the condition is written back.
 
     condition=None is for models without a condition input; an all-zero (t2v) condition is given to the model
-    but needs no image guidance, so it samples with two passes.
+    but needs no image guidance, so it samples with two passes. The noise is one draw of the whole (B, ...) shape
+    from a CPU generator seeded with cfg.seed, as the release draws it (so it is the same on any device).
+
+    Args:
+        write_back: "all" (every sample's given region), "first" (only batch item 0's, as the release does) or
+            "none".
+        trace: if given, filled with the noise `z`, `timesteps`, `trajectory` (steps + 1, B, L, C: the model
+            input per step, the result last), `model_outputs` (steps, passes * B, L, C) and `denoised`.
     """
     cfg.validate()
+    if write_back not in WRITE_BACK:
+        raise ValueError(f"write_back must be one of {WRITE_BACK}, got {write_back!r}")
     b, _, t, h, w = shape
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed))  # on CPU: same on any device
     img = pack(noise.to(device, dtype), patch_size)
@@ -136,6 +148,8 @@ def sample(
         condition = Condition(condition.mask.to(device, dtype), condition.masked_ref.to(device, dtype))
         cond = condition.tokens(patch_size)
     txt, vec, neg_txt, neg_vec = (x.to(device, dtype) for x in (txt, vec, neg_txt, neg_vec))
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    on_step = None if trace is None else (lambda _i, x, raw: steps.append((x.float().cpu(), raw.float().cpu())))
     out = denoise(
         model,
         img,
@@ -150,6 +164,62 @@ def sample(
         cond=cond,
         image_guidance=condition is not None and condition.has_given,
         num_frames=t,
+        on_step=on_step,
     )
+    if trace is not None:
+        trace.update(_trace(noise, timesteps, steps, out))
     x = unpack(out, patch_size, t, h, w)
-    return condition.write_back(x) if condition is not None else x
+    if condition is None or write_back == "none":
+        return x
+    if write_back == "first":
+        x = x.clone()
+        x[:1] = torch.where(condition.mask[:1].bool(), condition.masked_ref[:1].to(x), x[:1])
+        return x
+    return condition.write_back(x)
+
+
+def _trace(noise, timesteps, steps, out) -> dict[str, torch.Tensor]:
+    return {
+        "z": noise,
+        "timesteps": torch.as_tensor(timesteps, dtype=torch.float32),
+        "trajectory": torch.stack([x for x, _ in steps] + [out.float().cpu()]),
+        "model_outputs": torch.stack([raw for _, raw in steps]),
+        "denoised": out.float().cpu(),
+    }
+
+
+@torch.no_grad()
+def sample_distilled(
+    model: Callable[..., torch.Tensor],
+    shape: tuple[int, int, int, int, int],
+    patch_size: int,
+    txt: torch.Tensor,
+    vec: torch.Tensor,
+    num_steps: int,
+    guidance: float,
+    seed: int,
+    shift: bool = True,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trace: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A guidance-distilled model (Flux.1-dev) without classifier-free guidance: one pass per step with the
+    guidance strength as an input, `img += (t_next - t) * model(img, ..., guidance=g)`; latents (B, C, T, H, W)."""
+    b, _, t, h, w = shape
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    img = pack(noise.to(device, dtype), patch_size)
+    img_ids = make_ids(t, h // patch_size, w // patch_size, batch=b, device=device)
+    txt, vec = txt.to(device, dtype), vec.to(device, dtype)
+    txt_ids = make_txt_ids(b, txt.shape[1], device=device)
+    timesteps = get_schedule(num_steps, token_count(h, w, patch_size), t, shift).tolist()
+    g = torch.full((b,), float(guidance), dtype=dtype, device=device)
+    steps = []
+    for t_curr, t_next in zip(timesteps[:-1], timesteps[1:]):
+        t_vec = torch.full((b,), t_curr, dtype=dtype, device=device)
+        pred = model(img, img_ids, txt, txt_ids, t_vec, vec, guidance=g)
+        if trace is not None:
+            steps.append((img.float().cpu(), pred.float().cpu()))
+        img = euler_step(img, pred, t_curr, t_next)
+    if trace is not None:
+        trace.update(_trace(noise, timesteps, steps, img))
+    return unpack(img, patch_size, t, h, w)
