@@ -26,6 +26,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -33,12 +34,27 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cinedit.configs.generator import SamplerConfig
+from cinedit.configs.inference import INFERENCE_PRESETS, InferencePreset
 from cinedit.data.buckets import ASPECT_RATIOS, aspect_sizes
-from cinedit.data.video import MediaError, is_image, read_image, read_video
+from cinedit.data.captions import release_prompt, with_motion_score
+from cinedit.data.video import MediaError, is_image, read_image, read_reference, read_video
 from cinedit.generator.conditions import Condition, build_condition, i2v_condition, reference_latent
+from cinedit.generator.inference import (
+    COND_TYPES,
+    V2V_TYPES,
+    InferenceError,
+    Offload,
+    Request,
+    from_latents,
+    release_size,
+    sample_videos,
+    to_latents,
+)
+from cinedit.generator.parallel import ContextParallel
 from cinedit.generator.pipeline import Pipeline, load_pipeline
+from cinedit.generator.release import is_release_folder, load_release
 from cinedit.generator.sampler import sample
-from cinedit.runtime.dist import resolve_device
+from cinedit.runtime.dist import destroy_distributed, init_distributed, resolve_device
 from cinedit.tokenizer import tiling
 from cinedit.tokenizer.commands import write_frames
 
@@ -123,24 +139,14 @@ def _device_dtype(pipe: Pipeline) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-@torch.no_grad()
 def encode(pipe: Pipeline, x: Tensor, cfg: tiling.TilingConfig | None = None) -> Tensor:
     """Pixels (b, 3, T, H, W) in [-1, 1] -> latents as the generator sees them (scaled), tiled when large."""
-    tok = pipe.tokenizer
-    p = next(tok.parameters())
-    z = tiling.encode(tok, x.to(p.device, p.dtype), cfg)
-    return z if tok.scaling_factor is None else z / tok.scaling_factor
+    return to_latents(pipe.tokenizer, x, cfg=cfg)
 
 
-@torch.no_grad()
 def decode(pipe: Pipeline, z: Tensor, num_frames: int, cfg: tiling.TilingConfig | None = None) -> Tensor:
     """Inverse of `encode`: (b, c, t, h, w) -> float pixels (b, 3, num_frames, H, W) in [-1, 1] on the CPU."""
-    tok = pipe.tokenizer
-    p = next(tok.parameters())
-    z = z.to(p.device, p.dtype)
-    if tok.scaling_factor is not None:
-        z = z * tok.scaling_factor
-    return tiling.decode(tok, z, cfg, num_frames=num_frames).float().clamp(-1, 1).cpu()
+    return from_latents(pipe.tokenizer, z, num_frames, cfg).clamp(-1, 1)
 
 
 def latent_shape(pipe: Pipeline, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
@@ -272,8 +278,8 @@ def generate(
     shape = latent_shape(pipe, num_frames, height, width)
     if condition is not None and tuple(condition.masked_ref.shape[2:]) != shape[2:]:
         raise InputError(f"condition latent {tuple(condition.masked_ref.shape)} does not fit the output {shape}")
-    z = sample_latents(pipe, prompt, shape, cfg, condition, progress)
-    return decode(pipe, z, num_frames, tiling.TilingConfig(progress=progress))[0]
+    req = Request([prompt], num_frames, (height, width), cfg or pipe.sampler, condition=condition)
+    return sample_videos(pipe, req, progress=progress)[1][0].clamp(-1, 1)
 
 
 def _fail(msg: object) -> int:
@@ -284,7 +290,10 @@ def _fail(msg: object) -> int:
 def _check_args(args: argparse.Namespace) -> list[str]:
     """Errors found without loading anything; returns the prompts."""
     if not (args.ckpt or (args.generator and args.tokenizer)):
-        raise InputError("--ckpt PIPELINE_DIR is required (or --generator, --tokenizer and --text-encoder)")
+        raise InputError(
+            "--ckpt is required: a pipeline folder, or a folder with the downloaded release files "
+            "(or --generator, --tokenizer and --text-encoder)"
+        )
     if args.mask and not args.ref_video:
         raise InputError("--mask needs --ref-video (the video to inpaint)")
     if args.ref_video and not args.mask:
@@ -292,31 +301,122 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     for flag, path in (("--ref", args.ref), ("--ref-video", args.ref_video)):
         if path and not Path(path).is_file():
             raise InputError(f"{flag} {path}: no such file")
+    if args.cond_type is None:
+        preset = INFERENCE_PRESETS.get(args.preset or "")
+        if args.ref:
+            args.cond_type = "i2v_head" if is_image(args.ref) else "v2v_head_half"
+        else:
+            args.cond_type = preset.cond_type if preset else "t2v"
+    cond = args.cond_type
+    if cond in ("i2v_head", "i2v_tail", "i2v_loop") and args.ref and not is_image(args.ref):
+        raise InputError(f"--cond-type {cond} takes an image as --ref; for a video use v2v_head_half / v2v_tail_half")
+    if cond in V2V_TYPES and (not args.ref or is_image(args.ref)):
+        raise InputError(f"--cond-type {cond} extends a video: pass it as --ref VIDEO")
+    if cond in ("t2v", "t2i2v") and args.ref:
+        raise InputError(f"--ref given with --cond-type {cond}: pick i2v_head / i2v_tail / i2v_loop or v2v_*_half")
     if args.overwrite and args.skip_existing:
         raise InputError("--overwrite and --skip-existing contradict each other; pick one")
+    if args.cp < 1:
+        raise InputError(f"--cp must be at least 1, got {args.cp}")
     return read_prompts(args.prompts) if args.prompts else [args.prompt]
 
 
-def _condition(pipe: Pipeline, args: argparse.Namespace, size: tuple[int, int]) -> Condition | None:
-    if args.ref:
-        return image_condition(pipe, read_image(args.ref, size)[None], args.cond_type, args.num_frames)
-    if args.ref_video:
-        # The training frame rate: ceil(fps / 24) unless --stride says otherwise.
-        stride = args.stride or None
-        video = read_video(args.ref_video, num_frames=args.num_frames, stride=stride, size=size, start=0)
-        if video.shape[1] != args.num_frames:
-            raise InputError(f"--ref-video {args.ref_video} is an image; {args.num_frames} frames need a video")
-        return inpaint_condition(pipe, video[None], read_mask(args.mask, args.num_frames, size, stride))
+def _preset(args: argparse.Namespace) -> InferencePreset | None:
+    """The release preset: --preset, or for a release folder the one its files serve (256px / high_compression)."""
+    if args.preset:
+        return INFERENCE_PRESETS[args.preset]
+    if args.ckpt and is_release_folder(args.ckpt):
+        root = Path(args.ckpt)
+        hunyuan = (root / "Open_Sora_v2.safetensors").exists() or (root / "hunyuan_vae.safetensors").exists()
+        return INFERENCE_PRESETS["256px" if hunyuan else "high_compression"]
     return None
+
+
+def _motion_score(args: argparse.Namespace, preset: InferencePreset | None) -> str | None:
+    value = args.motion_score
+    if value is None:
+        return None if preset is None or preset.motion_score is None else str(preset.motion_score)
+    if value.lower() in ("none", "off"):
+        return None
+    try:
+        float(value)
+    except ValueError:
+        raise InputError(f"--motion-score takes a number (the release samples with 4) or none, got {value!r}") from None
+    return value
+
+
+def prompt_text(prompt: str, preset: InferencePreset | None, motion_score: str | None) -> str:
+    """What the text encoder sees: with a release preset the release's "<prompt>. 24 FPS." and motion score, else
+    the prompt with the motion score, if one is asked for."""
+    if preset is not None:
+        return release_prompt(prompt, preset.fps, motion_score)
+    return prompt if motion_score is None else with_motion_score(prompt, motion_score)
+
+
+def _load(args: argparse.Namespace, preset: InferencePreset | None, device: torch.device) -> Pipeline:
+    idle = "cpu" if args.offload else device
+    if args.ckpt and is_release_folder(args.ckpt):
+        if preset is None:  # unreachable: _preset picks one for a release folder
+            raise InputError("a release folder needs --preset")
+        return load_release(args.ckpt, preset, device=device, t2i=args.cond_type == "t2i2v", idle_device=idle)
+    pipe = load_pipeline(args.ckpt, args.generator, args.tokenizer, args.text_encoder, device=idle)
+    if args.cond_type == "t2i2v":
+        raise InputError("--cond-type t2i2v needs the release's Flux.1-dev files: pass --ckpt RELEASE_DIR")
+    return pipe
+
+
+def _sampler(args: argparse.Namespace, pipe: Pipeline) -> SamplerConfig:
+    given = dict(num_steps=args.steps, guidance=args.guidance, guidance_img=args.guidance_img, seed=args.seed)
+    return dataclasses.replace(pipe.sampler, **{k: v for k, v in given.items() if v is not None})
+
+
+def _size(args: argparse.Namespace, pipe: Pipeline, preset: InferencePreset | None) -> tuple[int, int]:
+    multiple = spatial_multiple(pipe)
+    if args.size:
+        return tuple(args.size)
+    resolution = args.resolution or (preset.resolution if preset else "256px")
+    aspect = args.aspect_ratio or (preset.aspect_ratio if preset else "16:9")
+    if preset is not None:
+        return release_size(resolution, aspect, multiple)
+    return output_size(resolution, aspect, multiple)
+
+
+def _request(args, pipe: Pipeline, preset, prompt: str, size, num_frames: int, cfg: SamplerConfig) -> Request:
+    cond = args.cond_type
+    req = Request([prompt_text(prompt, preset, _motion_score(args, preset))], num_frames, size, cfg, cond_type=cond)
+    req.ref_seed = args.ref_seed if args.ref_seed is not None else cfg.seed
+    if args.ref_video:
+        stride = args.stride or None  # the training frame rate: ceil(fps / 24) unless --stride says otherwise
+        video = read_video(args.ref_video, num_frames=num_frames, stride=stride, size=size, start=0)
+        if video.shape[1] != num_frames:
+            raise InputError(f"--ref-video {args.ref_video} is an image; {num_frames} frames need a video")
+        req.condition = inpaint_condition(pipe, video[None], read_mask(args.mask, num_frames, size, stride))
+        req.cond_type = "inpaint"
+    elif args.ref and cond in V2V_TYPES:
+        video = read_video(args.ref, num_frames=num_frames, stride=args.stride or None, size=size, start=0)
+        req.refs = [video]
+    elif args.ref:
+        req.refs = [read_reference(args.ref, size)]
+    if cond == "t2i2v":
+        flux, ae = pipe.t2i_generator, pipe.t2i_tokenizer
+        aspect = args.aspect_ratio or (preset.aspect_ratio if preset else "16:9")
+        req.t2i_prompts = [prompt]  # the release gives Flux the prompt without the suffixes
+        req.t2i_size = release_size(
+            preset.t2i_resolution if preset else "768px", aspect, ae.spatial_compression * flux.config.patch_size,
+            training=True,
+        )  # fmt: skip
+        req.t2i_guidance = preset.t2i_guidance if preset else 4.0
+    return req
 
 
 def run_sample(args: argparse.Namespace) -> int:
     """The `sample` subcommand; returns the exit code."""
     try:
         prompts = _check_args(args)
-        size = tuple(args.size) if args.size else output_size(args.resolution, args.aspect_ratio)
+        preset = _preset(args)
+        num_frames = args.num_frames or (preset.num_frames if preset else 128)
         out_dir = Path(args.out)
-        outputs = [output_path(out_dir, i, p, args.num_frames) for i, p in enumerate(prompts)]
+        outputs = [output_path(out_dir, i, p, num_frames) for i, p in enumerate(prompts)]
         existing = [p for p in outputs if p.exists()]
         if existing and not (args.overwrite or args.skip_existing):
             names = ", ".join(str(p) for p in existing[:3]) + (" ..." if len(existing) > 3 else "")
@@ -325,23 +425,98 @@ def run_sample(args: argparse.Namespace) -> int:
         if not todo:
             print(f"all {len(outputs)} output(s) exist in {out_dir}; nothing to do")
             return 0
+        if args.cp > 1:
+            return launch_cp(args)
         device = resolve_device(args.device)
-        pipe = load_pipeline(args.ckpt, args.generator, args.tokenizer, args.text_encoder, device=device)
+        pipe = _load(args, preset, device)
         dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-        pipe.generator.to(DTYPES[dtype])
-        if args.size is None:  # the bucket again, at the loaded pipeline's size multiple
-            size = output_size(args.resolution, args.aspect_ratio, spatial_multiple(pipe))
-        latent_shape(pipe, args.num_frames, *size)
-        given = dict(num_steps=args.steps, guidance=args.guidance, guidance_img=args.guidance_img, seed=args.seed)
-        cfg = dataclasses.replace(pipe.sampler, **{k: v for k, v in given.items() if v is not None})
-        condition = _condition(pipe, args, size)
-    except (InputError, MediaError, FileNotFoundError, ValueError) as e:
+        for model in (pipe.generator, pipe.t2i_generator):
+            if model is not None:
+                model.to(DTYPES[dtype])
+        size = _size(args, pipe, preset)
+        latent_shape(pipe, num_frames, *size)
+        cfg = _sampler(args, pipe)
+        offload = Offload(device, enabled=args.offload)
+        requests = [_request(args, pipe, preset, p, size, num_frames, cfg) for p, _ in todo]
+    except (InputError, InferenceError, MediaError, FileNotFoundError, ValueError) as e:
         return _fail(e)
-    for prompt, path in tqdm(todo, desc="prompts", unit="video", disable=args.quiet or len(todo) == 1):
-        video = generate(pipe, prompt, args.num_frames, *size, cfg, condition, progress=not args.quiet)
-        write_frames(path, video, pipe.fps)
-        tqdm.write(f"{path}: {args.num_frames} frame(s) {size[0]}x{size[1]}, seed {cfg.seed}, {cfg.num_steps} steps")
+    cp = context_parallel_velocity(pipe.generator)
+    for (prompt, path), req in tqdm(list(zip(todo, requests)), desc="prompts", unit="video",
+                                    disable=args.quiet or len(todo) == 1):  # fmt: skip
+        try:
+            _, video = sample_videos(pipe, req, offload, progress=not args.quiet, velocity=cp)
+        except (InputError, InferenceError, MediaError, ValueError) as e:
+            return _fail(e)
+        if not is_main_rank():
+            continue
+        write_frames(path, video[0].clamp(-1, 1), pipe.fps)
+        if req.first_frames is not None:
+            write_frames(path.with_suffix(".t2i.png"), torch.from_numpy(req.first_frames[0]).permute(2, 0, 1)[:, None]
+                         .float().div(127.5).sub(1), pipe.fps)  # fmt: skip
+        tqdm.write(f"{path}: {num_frames} frame(s) {size[0]}x{size[1]}, seed {cfg.seed}, {cfg.num_steps} steps")
     return 0
+
+
+# Context-parallel sampling: `torchrun --nproc-per-node N -m cinedit.generator.generate ARGS` (what `--cp N` runs)
+# splits every step's joint sequence over the N processes; rank 0 writes the outputs.
+
+
+def is_main_rank() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def context_parallel_velocity(model: Any) -> Any:
+    """The model's forward with its sequence sharded over the default process group, or None for one process."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() < 2:
+        return None
+    cp = ContextParallel()
+
+    def velocity(*args, **kwargs):
+        return cp.forward(model, *args, **kwargs)
+
+    return velocity
+
+
+def _argv_without_cp(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--cp":
+            skip = True
+        elif not a.startswith("--cp="):
+            out.append(a)
+    return out
+
+
+def launch_cp(args: argparse.Namespace) -> int:
+    """Re-run this command under torchrun with `args.cp` processes (the standalone rendezvous, one node)."""
+    import subprocess  # only to launch the processes
+
+    argv = _argv_without_cp(list(args.argv))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.cp}",
+           "-m", "cinedit.generator.generate", *argv]  # fmt: skip
+    print("launching:", " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The torchrun entry: `python -m cinedit.generator.generate [sample options]` in every process."""
+    parser = argparse.ArgumentParser(prog="cinedit.generator.generate")
+    sub = parser.add_subparsers()
+    add_cli(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(["sample", *argv])
+    args.argv = argv
+    if args.cp > 1:
+        return _fail("--cp is for the `cinedit generator sample` launcher; under torchrun pass --nproc-per-node")
+    info = init_distributed("cpu" if args.device == "cpu" else "auto")
+    if info.world_size > 1 and args.device == "auto":
+        args.device = str(info.device)
+    try:
+        return run_sample(args)
+    finally:
+        destroy_distributed()
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -365,17 +540,51 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="frame stride for --ref-video and a mask video (default 0: ceil(fps / 24), as training reads clips)",
     )
-    p.add_argument("--cond-type", choices=I2V_TYPES, default="i2v_head", help="where --ref goes (default: head)")
-    p.add_argument("--resolution", default="256px", help="bucket resolution (default 256px)")
-    p.add_argument("--aspect-ratio", default="16:9", help="width:height, e.g. 16:9, 9:16, 1:1 (default 16:9)")
-    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="explicit size instead of the bucket")
-    p.add_argument("--num-frames", type=int, default=128, help="1 (an image) or a multiple of 4 (default 128)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(INFERENCE_PRESETS),
+        help="the release's inference config (sizes, 129/128 frames, 50 steps, guidance, motion score, fps); "
+        "default for a release folder: 256px (high_compression for the DC-AE files)",
+    )
+    p.add_argument(
+        "--cond-type",
+        choices=COND_TYPES,
+        default=None,
+        help="t2v; i2v_head / i2v_tail / i2v_loop (--ref IMAGE); v2v_head_half / v2v_tail_half (--ref VIDEO: keep "
+        "its first / last half, generate the rest); t2i2v (the first frame by Flux.1-dev, then i2v_head). "
+        "Default: i2v_head with --ref, the preset's otherwise (t2v)",
+    )
+    p.add_argument(
+        "--motion-score",
+        metavar="N",
+        help="append the release's caption suffix ' N motion score.' (release presets: 4; 'none' to leave it out)",
+    )
+    p.add_argument("--ref-seed", type=int, help="seed of the reference encoding's posterior sample (default: --seed)")
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep only the model in use on the GPU (text encoders, Flux, tokenizer on the CPU when idle)",
+    )
+    p.add_argument("--cp", type=int, default=1, metavar="N", help="context-parallel sampling over N processes")
+    p.add_argument("--resolution", help="resolution (default: the preset's, else 256px)")
+    p.add_argument("--aspect-ratio", help="width:height, e.g. 16:9, 9:16, 1:1 (default: the preset's, else 16:9)")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="explicit size instead of the size table")
+    p.add_argument(
+        "--num-frames",
+        type=int,
+        help="frames: 1 (an image), a multiple of 4 (DC-AE) or 1 + 4k (HunyuanVAE); default: the preset's (129 / "
+        "128), else 128",
+    )
     p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's, 50 as released)")
     p.add_argument("--guidance", type=float, help="text guidance scale (default: the pipeline's, 7.5)")
     p.add_argument("--guidance-img", type=float, help="image guidance scale (default: the pipeline's, 3.0)")
     p.add_argument("--seed", type=int, help="noise seed (default: the pipeline's, 42)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--ckpt", metavar="PIPELINE_DIR", help="pipeline folder (the `model` folder of a training run)")
+    p.add_argument(
+        "--ckpt",
+        metavar="DIR",
+        help="pipeline folder (the `model` folder of a training run) or a folder with the downloaded release files",
+    )
     p.add_argument("--generator", metavar="PATH", help="generator folder or release file, replacing the pipeline's")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or release file, replacing the pipeline's")
     p.add_argument("--text-encoder", metavar="PRESET", help="text-encoder preset (release, minilm, debug)")
@@ -407,3 +616,7 @@ __all__ = [
     "sample_latents",
     "slug",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

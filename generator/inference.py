@@ -256,6 +256,7 @@ class Request:
     t2i_prompts: list[str] | None = None
     t2i_size: tuple[int, int] | None = None
     t2i_guidance: float = 4.0
+    first_frames: Any = None  # t2i2v: filled with the first frames as saved (B, H, W, 3) uint8
 
 
 def _encode_text(pipe: Any, prompts: list[str], offload: Offload | None):
@@ -356,6 +357,7 @@ def sample_videos(
         t2i_trace = {} if trace is not None else None
         image = text_to_image(pipe, req, offload, t2i_trace, progress)
         png = png_uint8(image)
+        req.first_frames = png
         if trace is not None:
             trace.update({f"t2i.{k}": v for k, v in t2i_trace.items()})
             for i, im in enumerate(png):

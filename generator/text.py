@@ -236,6 +236,14 @@ class TextEncoder:
         e = self._empty
         return TextEmbeddings(e.txt.expand(batch, -1, -1), e.vec.expand(batch, -1))
 
+    def to(self, device: torch.device | str) -> TextEncoder:
+        """Move the encoders to `device` (sampling with --offload keeps them on the CPU while idle)."""
+        self.device = torch.device(device)
+        self.txt_model.to(self.device)
+        if self.vec_model is not None:
+            self.vec_model.to(self.device)
+        return self
+
     def clear_cache(self) -> None:
         """Forget every cached prompt (the empty-prompt embeddings stay)."""
         self._cache.clear()

@@ -199,7 +199,7 @@ def test_wrong_inputs_fail_clearly(ckpt, media, tmp_path, capsys):
     _fails(capsys, *base, "--ref-video", str(media / "ref.png"), "--mask", "frames:0-3", match="is an image")
     _fails(capsys, *base, "--ref", str(media / "ref.png"), "--num-frames", "4", match="at least 2 latent frames")
     _fails(capsys, *base[2:], "--prompts", str(tmp_path / "none.txt"), match="none.txt: no such file")
-    _fails(capsys, *base[:2], "--out", str(tmp_path), match="--ckpt PIPELINE_DIR is required")
+    _fails(capsys, *base[:2], "--out", str(tmp_path), match="--ckpt is required")
     # Existing outputs are kept unless --overwrite; --skip-existing resumes.
     args = common(ckpt, tmp_path / "o", "--num-frames", "4")
     assert run("sample", "--prompt", "a fox", *args) == 0

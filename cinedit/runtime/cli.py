@@ -58,7 +58,9 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
 
 def run_group(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse `argv` with a `command_group` parser and run the chosen subcommand."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv[1:]  # the subcommand's own arguments (a command that relaunches itself needs them)
     return run_command(args.func, args, parser.prog)
 
 
