@@ -1,6 +1,9 @@
 """MMDiT parity: rebuild the generator from a fixture's reference config, load its weights (strict), replay
-`model(img, img_ids, txt, txt_ids, timesteps, vec, cond)` and compare the output and the recorded
+`model(img, img_ids, txt, txt_ids, timesteps, vec, cond, guidance)` and compare the output and the recorded
 module outputs (forward hooks on the same module paths as the reference's).
+
+The Open-Sora video MMDiT (`check_mmdit`) and the Flux.1-dev text-to-image model (`check_flux`: guidance
+embedding, no cond_in, fused q/k/v weights split by the loader's adapter) share one replay.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 from einops import repeat
 
 from cinedit.eval.parity import Comparison, FixtureError, ParityReport, _weights
+from cinedit.generator.loading import has_fused_qkv, split_qkv_state_dict
 from cinedit.generator.math import unpack
 from cinedit.generator.model import MMDiT, config_from_reference
 
@@ -36,26 +40,46 @@ def check_mmdit(
     meta: dict, tensors: dict[str, torch.Tensor], folder: Path, tol: tuple[float, float] | None
 ) -> ParityReport:
     """MMDiT forward: `output`, `output_unpacked` and the `intermediate.*` module outputs."""
+    return _replay(meta, tensors, folder, tol, "MMDiT", INPUTS)
 
+
+def check_flux(
+    meta: dict, tensors: dict[str, torch.Tensor], folder: Path, tol: tuple[float, float] | None
+) -> ParityReport:
+    """Flux.1-dev forward with its distilled `guidance`, weights in BFL's fused layout: as `check_mmdit`."""
+    return _replay(meta, tensors, folder, tol, "Flux", (*INPUTS, "guidance"))
+
+
+def _replay(
+    meta: dict,
+    tensors: dict[str, torch.Tensor],
+    folder: Path,
+    tol: tuple[float, float] | None,
+    kind: str,
+    inputs: tuple[str, ...],
+) -> ParityReport:
     ref = dict(meta.get("config") or {})
     if not ref:
-        raise FixtureError("MMDiT fixture without a `config`: cannot rebuild the model")
+        raise FixtureError(f"{kind} fixture without a `config`: cannot rebuild the model")
     if "use_liger_rope" not in ref and "rope_layout" in meta:
         ref["rope_layout"] = meta["rope_layout"]
-    missing = [name for name in (*INPUTS, "output") if name not in tensors]
+    missing = [name for name in (*inputs, "output") if name not in tensors]
     if missing:
-        raise FixtureError(f"MMDiT fixture lacks the tensors {missing}")
+        raise FixtureError(f"{kind} fixture lacks the tensors {missing}")
     atol, rtol = tol or MMDIT_TOLERANCE
     cfg = config_from_reference(ref)
     model = MMDiT(cfg).eval()
-    model.load_state_dict(_weights(meta, tensors, folder), strict=True)
+    state = _weights(meta, tensors, folder)
+    if has_fused_qkv(state):  # the reference's default layout (Flux checkpoints): split as load_pretrained does
+        state = split_qkv_state_dict(state, cfg)
+    model.load_state_dict(state, strict=True)
 
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name: str, value: torch.Tensor) -> None:
         captured[name] = value
 
-    for name in ("img_in", "cond_in", "time_in", "vector_in", "txt_in"):
+    for name in ("img_in", "cond_in", "time_in", "guidance_in", "vector_in", "txt_in"):
         module = getattr(model, name)
         if module is not None:
             module.register_forward_hook(lambda _m, _a, out, name=name: keep(name, out))
@@ -73,9 +97,9 @@ def check_mmdit(
         lambda _m, args: captured.update({"final_layer.input_x": args[0], "final_layer.input_vec": args[1]})
     )
 
-    report = ParityReport("", "mmdit")
+    report = ParityReport("", kind.lower())
     with torch.no_grad():
-        out = model(*(tensors[name] for name in INPUTS), cond=tensors.get("cond"))
+        out = model(*(tensors[name] for name in INPUTS), cond=tensors.get("cond"), guidance=tensors.get("guidance"))
     report.add("output", out, tensors["output"], atol, rtol)
     if "output_unpacked" in tensors:
         _, _, t, h, w = tensors["output_unpacked"].shape
@@ -87,3 +111,13 @@ def check_mmdit(
         else:
             report.results.append(Comparison(key, float("inf"), atol, rtol, False, ()))
     return report
+
+
+def build_flux(reference_config: dict, state: dict[str, torch.Tensor]) -> MMDiT:
+    """A Flux-style MMDiT from the reference's factory arguments and its (fused) weights, strictly loaded."""
+    cfg = config_from_reference(reference_config)
+    if has_fused_qkv(state):
+        state = split_qkv_state_dict(state, cfg)
+    model = MMDiT(cfg).eval()
+    model.load_state_dict(state, strict=True)
+    return model

@@ -1,6 +1,8 @@
 """MMDiT generator: Flux-style double-stream then single-stream blocks over packed video tokens, 3D RoPE.
 
-State-dict keys are the Open-Sora 2.0 release's (unfused q/k/v), so its checkpoints load as they are.
+State-dict keys are the Open-Sora 2.0 release's (unfused q/k/v), so its checkpoints load as they are; Flux's fused
+q/k/v checkpoints are split on loading (`loading.split_qkv_state_dict`). With `guidance_embed` it is also the
+guidance-distilled Flux.1-dev text-to-image model.
 Patchify is outside the model: it sees packed tokens `img` (b, l, in_channels) (see `math.pack`).
 """
 
@@ -27,7 +29,8 @@ class MMDiTConfig:
 
     `in_channels` is the packed token width (latent channels * patch_size**2). `qkv_bias` concerns the
     double blocks' q/k/v only. `rope_layout` is "rotate_half" for the release's weights and "interleaved" for
-    Flux-style weights.
+    Flux-style weights. `guidance_embed` adds Flux.1-dev's `guidance_in`: the distilled guidance strength joins
+    the modulation vector, and `forward` then needs `guidance`.
     """
 
     in_channels: int = 64
@@ -44,6 +47,7 @@ class MMDiTConfig:
     context_in_dim: int = 4096
     cond_embed: bool = True
     rope_layout: str = "rotate_half"
+    guidance_embed: bool = False
 
     def __post_init__(self) -> None:
         self.axes_dim = list(self.axes_dim)
@@ -96,6 +100,8 @@ class MMDiTConfig:
             raise ValueError(f"theta must be positive, got {self.theta}")
         if self.rope_layout not in ROPE_LAYOUTS:
             raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}")
+        if not isinstance(self.guidance_embed, bool):
+            raise ValueError(f"guidance_embed must be True or False, got {self.guidance_embed!r}")
 
 
 def mmdit_11b() -> MMDiTConfig:
@@ -153,7 +159,7 @@ _REQUIRED = (
     "vec_in_dim",
     "context_in_dim",
 )
-_REFERENCE_DEFAULTS = {"patch_size": 2, "cond_embed": False}
+_REFERENCE_DEFAULTS = {"patch_size": 2, "cond_embed": False, "guidance_embed": False}
 _LAYOUT_NAMES = {
     "liger": "rotate_half",
     "flux": "interleaved",
@@ -165,17 +171,14 @@ _LAYOUT_NAMES = {
 def config_from_reference(ref: Mapping[str, Any]) -> MMDiTConfig:
     """MMDiTConfig from the release's model config dict (Open-Sora `MMDiTConfig` fields, as in configs/fixtures).
 
-    Absent optional fields take the reference's defaults (patch_size 2, no cond_in, fused qkv, Flux RoPE);
-    non-architectural ones (from_pretrained, cache_dir, grad_ckpt_settings, ...) are ignored. A `rope_layout`
-    entry ("liger"/"flux" or ours) stands in for a missing `use_liger_rope`.
+    Absent optional fields take the reference's defaults (patch_size 2, no cond_in, no guidance_in, Flux RoPE);
+    non-architectural ones (from_pretrained, cache_dir, grad_ckpt_settings, ...) are ignored. `fused_qkv` is
+    not architecture but the key layout of the reference's checkpoints (Flux's default): the model is the same,
+    and the loader splits fused keys wherever it finds them. A `rope_layout` entry ("liger"/"flux" or ours)
+    stands in for a missing `use_liger_rope`.
     """
-    if ref.get("guidance_embed", False):
-        raise ValueError("unsupported reference option guidance_embed=True: the video model has no guidance_in")
-    if ref.get("fused_qkv", True):
-        raise ValueError(
-            "unsupported reference option fused_qkv=True (the reference default): only the release's unfused "
-            "q/k/v layout (fused_qkv=False) is built"
-        )
+    if ref.get("fused_qkv", True) not in (True, False):
+        raise ValueError(f"reference option fused_qkv must be True or False, got {ref['fused_qkv']!r}")
     missing = [name for name in _REQUIRED if name not in ref]
     if missing:
         raise ValueError(f"reference MMDiT config lacks {missing}")
@@ -355,6 +358,7 @@ class MMDiT(nn.Module):
         self.img_in = nn.Linear(cfg.in_channels, dim)
         self.time_in = MLPEmbedder(TIME_DIM, dim)
         self.vector_in = MLPEmbedder(cfg.vec_in_dim, dim)
+        self.guidance_in = MLPEmbedder(TIME_DIM, dim) if cfg.guidance_embed else None
         self.cond_in = nn.Linear(cfg.cond_channels, dim) if cfg.cond_embed else None
         self.txt_in = nn.Linear(cfg.context_in_dim, dim)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(cfg) for _ in range(cfg.depth))
@@ -375,6 +379,7 @@ class MMDiT(nn.Module):
         timesteps: Tensor,
         vec: Tensor,
         cond: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
         """Velocity (b, l_img, in_channels) for packed tokens img at flow time timesteps (b,) in [0, 1].
 
@@ -384,6 +389,8 @@ class MMDiT(nn.Module):
             txt: (b, l_txt, context_in_dim) T5 states.
             cond: (b, l_img, cond_channels) packed [mask, masked reference latent] for i2v; None means no
                 condition, the same as an all-zero one (cond_in then adds only its bias).
+            guidance: (b,) distilled guidance strength (Flux.1-dev: e.g. 4.0), required by and only accepted by
+                a `guidance_embed` model; embedded like the time, with the same 1000x factor.
         """
         cfg = self.config
         if img.shape[-1] != cfg.in_channels or txt.shape[-1] != cfg.context_in_dim:
@@ -396,8 +403,16 @@ class MMDiT(nn.Module):
             img = img + (self.cond_in.bias if cond is None else self.cond_in(cond))
         elif cond is not None:
             raise ValueError("a condition was given but this model has no cond_in (cond_embed=False)")
-        # mod: what AdaLN modulates with = time embedding + pooled-text embedding (no guidance embedding here).
-        mod = self.time_in(timestep_embedding(timesteps, TIME_DIM).to(img.dtype)) + self.vector_in(vec)
+        # mod: what AdaLN modulates with = time embedding (+ guidance embedding) + pooled-text embedding, summed in
+        # the reference's order.
+        mod = self.time_in(timestep_embedding(timesteps, TIME_DIM).to(img.dtype))
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this model is guidance-distilled (guidance_embed=True): pass guidance, e.g. 4.0")
+            mod = mod + self.guidance_in(timestep_embedding(guidance, TIME_DIM).to(img.dtype))
+        elif guidance is not None:
+            raise ValueError("guidance was given but this model has no guidance_in (guidance_embed=False)")
+        mod = mod + self.vector_in(vec)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat([txt_ids, img_ids], dim=1))
         for block in self.double_blocks:

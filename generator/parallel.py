@@ -410,8 +410,12 @@ class ContextParallel:
         timesteps: Tensor,
         vec: Tensor,
         cond: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
-        """`model(...)` with the sequence sharded over the group; takes and returns full tensors on every rank."""
+        """`model(...)` with the sequence sharded over the group; takes and returns full tensors on every rank.
+
+        `guidance` (b,), for a guidance-distilled model, is per sample like `timesteps`: passed on whole.
+        """
         l_txt, l_img = txt.shape[1], img.shape[1]
         total = l_txt + l_img
         m = -(-total // self.size)
@@ -436,6 +440,7 @@ class ContextParallel:
                 timesteps,
                 vec,
                 None if cond is None else shard(cond),
+                guidance=guidance,
             )
         # Left-pad to m rows so the gathered rows are joint positions; the image is then [l_txt, total).
         out = _GatherSeq.apply(F.pad(out, (0, 0, m - out.shape[1], 0)), self.group)
