@@ -22,7 +22,7 @@ from cinedit.configs.generator import SamplerConfig
 from cinedit.data.captions import release_prompt
 from cinedit.data.video import read_reference
 from cinedit.eval.parity import Comparison, FixtureError, ParityReport
-from cinedit.generator.inference import Request, png_uint8, release_size, sample_videos
+from cinedit.generator.inference import Request, release_size, sample_videos
 from cinedit.generator.model import MMDiT, config_from_reference
 from cinedit.generator.pipeline import Pipeline
 from cinedit.generator.text import TextEmbeddings
@@ -39,7 +39,10 @@ class RecordedText:
 
     def __init__(self, prompts: list[str], tensors: dict[str, torch.Tensor]):
         self.rows = {p: (tensors[f"txt.{i}"], tensors[f"vec.{i}"]) for i, p in enumerate(prompts)}
-        self.txt_dim, self.vec_dim = next(iter(self.rows.values()))[0].shape[-1], next(iter(self.rows.values()))[1].shape[-1]
+        self.txt_dim, self.vec_dim = (
+            next(iter(self.rows.values()))[0].shape[-1],
+            next(iter(self.rows.values()))[1].shape[-1],
+        )
         self.calls: list[list[str]] = []
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
@@ -47,7 +50,9 @@ class RecordedText:
         if missing:
             raise FixtureError(f"the replay asked the text encoder for prompts the reference never encoded: {missing}")
         self.calls.append(list(prompts))
-        return TextEmbeddings(torch.stack([self.rows[p][0] for p in prompts]), torch.stack([self.rows[p][1] for p in prompts]))
+        return TextEmbeddings(
+            torch.stack([self.rows[p][0] for p in prompts]), torch.stack([self.rows[p][1] for p in prompts])
+        )
 
     def empty(self, batch: int = 1) -> TextEmbeddings:
         return self.encode([""] * batch)

@@ -441,7 +441,7 @@ def run_sample(args: argparse.Namespace) -> int:
     except (InputError, InferenceError, MediaError, FileNotFoundError, ValueError) as e:
         return _fail(e)
     cp = context_parallel_velocity(pipe.generator)
-    for (prompt, path), req in tqdm(list(zip(todo, requests)), desc="prompts", unit="video",
+    for (_, path), req in tqdm(list(zip(todo, requests)), desc="prompts", unit="video",
                                     disable=args.quiet or len(todo) == 1):  # fmt: skip
         try:
             _, video = sample_videos(pipe, req, offload, progress=not args.quiet, velocity=cp)

@@ -79,11 +79,11 @@ def test_cp_flag_launches_torchrun_and_rank0_writes_one_video(ckpt, tmp_path):
     argv = ["--prompt", "a fox", "--size", str(H), str(W), "--num-frames", "8", "--steps", "2"]
     argv += ["--ckpt", ckpt, "--quiet", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "cinedit.cli", "generator", "sample", *argv, "--out", str(tmp_path / "a")],
-                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    base = [sys.executable, "-m", "cinedit.cli", "generator", "sample", *argv]
+    kw = dict(env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([*base, "--out", str(tmp_path / "a")], **kw)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "cinedit.cli", "generator", "sample", *argv, "--cp", "2", "--out",
-                          str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    two = subprocess.run([*base, "--cp", "2", "--out", str(tmp_path / "b")], **kw)
     assert two.returncode == 0, two.stderr
     assert "torch.distributed.run" in two.stderr and "--nproc-per-node=2" in two.stderr
     (a,), (b,) = list((tmp_path / "a").iterdir()), list((tmp_path / "b").iterdir())
