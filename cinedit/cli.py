@@ -15,11 +15,12 @@ from cinedit import __version__
 # subsystem -> (one-line help, description, modules that each register their subcommand(s) with `add_cli`)
 GROUPS = {
     "data": (
-        "index, filter and build datasets (sample data included)",
+        "index, score, filter and build datasets (sample data included)",
         "Build and curate video datasets.",
         [
             "cinedit.data.index",
             "cinedit.data.filter",
+            "cinedit.data.score",
             "cinedit.data.sample",
             "cinedit.generator.cache_cmd",
             "cinedit.data.bench",

@@ -79,6 +79,9 @@ class DataConfig:
     # next sample that fills the same bucket; more bad files than this share of the data (at least one is always
     # tolerated) stop the run.
     max_bad_fraction: float = 0.01
+    # End each training caption with the release's " {round(motion_score)} motion score." (the meta's motion_score
+    # column, written by `cinedit data score`), as the release trained.
+    motion_score_suffix: bool = False
 
     def validate(self) -> None:
         if self.frame_stride < 0:
@@ -87,6 +90,8 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not isinstance(self.motion_score_suffix, bool):
+            raise ConfigError(f"data.motion_score_suffix must be true or false, got {self.motion_score_suffix!r}")
 
 
 def debug_buckets() -> BucketConfig:

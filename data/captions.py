@@ -7,10 +7,16 @@ suffix (the clip's VMAF motion score, rounded). The exact strings are in the pip
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from cinedit.configs.core import ConfigError
 
 RELEASE_FPS = 24
 RELEASE_MOTION_SCORE = 4
+MOTION_SCORE_COLUMN = "motion_score"  # meta column written by `cinedit data score` (the release's VMAF motion)
 _FPS_SUFFIX = re.compile(r"\d+ FPS\.$")
 
 
@@ -47,4 +53,39 @@ def release_prompt(text: str, fps: int | float = RELEASE_FPS, motion_score: int 
     return text if motion_score is None else with_motion_score(text, motion_score)
 
 
-__all__ = ["RELEASE_FPS", "RELEASE_MOTION_SCORE", "motion_score_text", "release_prompt", "with_fps", "with_motion_score"]
+def check_motion_scores(columns: Collection[str], source: str = "the metadata") -> None:
+    """Raise `ConfigError` when a meta table that should give motion-score captions has no motion score column."""
+    if MOTION_SCORE_COLUMN not in columns:
+        raise ConfigError(
+            f"data.motion_score_suffix=true needs a {MOTION_SCORE_COLUMN!r} column, and {source} has none: add it "
+            f"with `cinedit data score META --out META_SCORED` and train on META_SCORED (or set "
+            f"--data.motion_score_suffix=false)"
+        )
+
+
+def training_caption(text: str, row: Mapping[str, Any], suffix: bool) -> str:
+    """The caption a sample trains with: `text`, plus " {round(score)} motion score." when `suffix` is on and the
+    row has a motion score (a row whose file `cinedit data score` could not read has none and keeps `text`)."""
+    if not suffix:
+        return text
+    score = row.get(MOTION_SCORE_COLUMN)
+    try:
+        score = float(score)
+    except (TypeError, ValueError):
+        return text
+    if not math.isfinite(score):
+        return text
+    return with_motion_score(text, round(score))
+
+
+__all__ = [
+    "MOTION_SCORE_COLUMN",
+    "RELEASE_FPS",
+    "RELEASE_MOTION_SCORE",
+    "check_motion_scores",
+    "motion_score_text",
+    "release_prompt",
+    "training_caption",
+    "with_fps",
+    "with_motion_score",
+]

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from cinedit.configs.core import ConfigError
 from cinedit.configs.data import DataConfig
 from cinedit.data.cache import CacheReader
+from cinedit.data.captions import check_motion_scores, training_caption
 from cinedit.data.meta import read_meta
 from cinedit.data.video import MediaError, frame_stride, num_sampled_frames, read_video
 
@@ -42,7 +43,11 @@ def _unpack(item: Sequence[int]) -> tuple[int, int, int, int, int]:
 
 
 class VideoDataset(Dataset):
-    """Clips decoded at their bucket's (T, H, W): stride from fps, seeded random temporal crop, fill + centre crop."""
+    """Clips decoded at their bucket's (T, H, W): stride from fps, seeded random temporal crop, fill + centre crop.
+
+    The caption is the row's `text`, with the motion-score suffix when `config.motion_score_suffix` is on
+    (`cinedit.data.captions.training_caption`).
+    """
 
     def __init__(
         self, meta: pd.DataFrame | str | os.PathLike, config: DataConfig | None = None, replace_bad: bool = False
@@ -50,6 +55,9 @@ class VideoDataset(Dataset):
         self.meta = read_meta(meta) if isinstance(meta, (str, os.PathLike)) else meta.reset_index(drop=True)
         self.config = config or DataConfig()
         self.config.validate()
+        if self.config.motion_score_suffix:
+            source = str(meta) if isinstance(meta, (str, os.PathLike)) else self.config.meta or "the meta table"
+            check_motion_scores(self.meta.columns, source)
         # Training (replace_bad): an unreadable sample is reported and replaced (`_candidates`), so a step keeps its
         # shape; elsewhere (caching, evaluation) it raises MediaError for the caller to report and skip.
         self.replace_bad = replace_bad
@@ -87,7 +95,7 @@ class VideoDataset(Dataset):
         )
         return {
             "video": video,  # (C, T, H, W) in [-1, 1]
-            "text": str(row["text"]),
+            "text": training_caption(str(row["text"]), row, self.config.motion_score_suffix),
             "fps": fps / stride,
             "num_frames": t,
             "height": h,

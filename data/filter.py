@@ -6,6 +6,10 @@ Frames are downscaled to at most 256 px on the short side (AREA) before scoring,
 differencing cheap and barely changes a mean absolute difference. Both scores are on the 0-255 scale of
 BT.601 luma; a pair of consecutive sampled frames is static when its mean absolute difference is below
 `static_threshold`.
+
+`--min-motion` / `--max-motion` bound the `motion_score` column. When the input already has one (the release's VMAF
+motion from `cinedit data score`), it is kept as it is and the bounds apply to it; a video without a value there
+fails them. Otherwise this command's own score (the mean luma difference above) fills the column, as before.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from cinedit.data.captions import MOTION_SCORE_COLUMN
 from cinedit.data.index import check_out, parallel_map, reason_counts, report_path, write_report
 from cinedit.data.meta import MetaError, read_meta, write_meta
 from cinedit.data.video import ClipReader, MediaError, frame_stride, is_image, num_sampled_frames, probe
@@ -93,11 +98,29 @@ def _precheck(row, keep_images: bool, min_height: int, min_width: int, min_durat
     return None
 
 
+def _motion_check(score: float, min_motion: float | None, max_motion: float | None):
+    """(reason, detail) when a video's motion score is missing or outside the bounds, else None."""
+    if min_motion is None and max_motion is None:
+        return None
+    score = float(score)
+    if math.isnan(score):
+        return (
+            "no_motion_score",
+            "no motion score (the file could not be read when scored): rescore with `cinedit data score`",
+        )
+    if min_motion is not None and score < min_motion:
+        return "low_motion", f"motion_score {score:.3f} < --min-motion {min_motion}"
+    if max_motion is not None and score > max_motion:
+        return "high_motion", f"motion_score {score:.3f} > --max-motion {max_motion}"
+    return None
+
+
 def filter_meta(
     df: pd.DataFrame,
     static_threshold: float = 0.9,
     max_static_ratio: float = 0.3,
-    min_motion: float = 0.0,
+    min_motion: float | None = None,
+    max_motion: float | None = None,
     min_height: int = 0,
     min_width: int = 0,
     min_duration: float = 0.0,
@@ -110,11 +133,14 @@ def filter_meta(
     """Score and filter meta rows: (kept rows with `static_ratio` and `motion_score`, report entries for dropped).
 
     Size filters apply to images and videos; frame, duration and motion filters to videos only. Images get
-    NaN scores.
+    NaN scores. A `motion_score` column already in `df` (`cinedit data score`) is kept, and `min_motion` /
+    `max_motion` (None: no bound) apply to it; without one, the column holds this function's mean luma difference.
     """
     if sample_frames < 2:
         raise ValueError(f"sample_frames must be at least 2 to compare frames, got {sample_frames}")
     df = df.reset_index(drop=True).copy()
+    scored = MOTION_SCORE_COLUMN in df.columns  # the release's score, from `cinedit data score`
+    given = pd.to_numeric(df[MOTION_SCORE_COLUMN], errors="coerce") if scored else None  # text that is no number: NaN
     df["image"] = [is_image(p) for p in df["path"]]
     failed: dict[int, tuple[str, str]] = {}  # row -> (reason, detail)
     images, tasks = [], []
@@ -141,8 +167,10 @@ def filter_meta(
             failed[i] = ("unreadable", err)
         elif s > max_static_ratio:
             failed[i] = ("static", f"static_ratio {s:.3f} > --max-static-ratio {max_static_ratio}")
-        elif m < min_motion:
-            failed[i] = ("low_motion", f"motion_score {m:.3f} < --min-motion {min_motion}")
+        else:
+            fail = _motion_check(given[i] if scored else m, min_motion, max_motion)
+            if fail is not None:
+                failed[i] = fail
     for i in images:
         path = df.at[i, "path"]
         try:
@@ -150,7 +178,9 @@ def filter_meta(
         except MediaError as e:
             failed[i] = ("missing" if not os.path.isfile(path) else "unreadable", str(e))
 
-    df["static_ratio"], df["motion_score"] = static, motion
+    df["static_ratio"] = static
+    if not scored:
+        df[MOTION_SCORE_COLUMN] = motion
     report = [{"path": df.at[i, "path"], "reason": r, "detail": d} for i, (r, d) in sorted(failed.items())]
     kept = df.drop(index=list(failed)).drop(columns="image").reset_index(drop=True)
     return kept, report
@@ -169,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
             static_threshold=args.static_threshold,
             max_static_ratio=args.max_static_ratio,
             min_motion=args.min_motion,
+            max_motion=args.max_motion,
             min_height=args.min_height,
             min_width=args.min_width,
             min_duration=args.min_duration,
@@ -205,7 +236,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         help="drop static, low-motion, small or short clips from a metadata file",
         description="Score each video's static-frame ratio and motion (mean absolute luma difference, 0-255, "
         "between consecutive frames at stride ceil(fps/24), up to --sample-frames from the middle of the clip) "
-        "and drop rows that fail the thresholds. Adds columns static_ratio and motion_score (empty for images). "
+        "and drop rows that fail the thresholds. Adds columns static_ratio and motion_score (empty for images); a "
+        "motion_score column already in META (the release's VMAF motion, from `cinedit data score`) is kept and "
+        "--min-motion/--max-motion apply to it. "
         "Dropped rows are listed in OUT_STEM.report.csv.",
     )
     p.add_argument("meta", metavar="META", help="input metadata file (.csv or .parquet)")
@@ -220,7 +253,16 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--max-static-ratio", type=float, default=0.3, help="drop clips with more static pairs than this (default 0.3)"
     )
-    p.add_argument("--min-motion", type=float, default=0.0, help="drop clips with a lower motion_score (default 0)")
+    p.add_argument(
+        "--min-motion",
+        type=float,
+        default=None,
+        help="drop videos with a lower motion_score: the release's VMAF motion when META has the column "
+        "(`cinedit data score`; videos without a value are dropped), else this command's mean luma difference",
+    )
+    p.add_argument(
+        "--max-motion", type=float, default=None, help="drop videos with a higher motion_score (see --min-motion)"
+    )
     p.add_argument("--min-height", type=int, default=0, help="drop videos and images shorter than this (pixels)")
     p.add_argument("--min-width", type=int, default=0, help="drop videos and images narrower than this (pixels)")
     p.add_argument("--min-duration", type=float, default=0.0, help="drop videos shorter than this (seconds)")
