@@ -1,10 +1,15 @@
-"""`cinedit tokenizer reconstruct | encode | decode`: run a Video DC-AE on your own videos and images.
+"""`cinedit tokenizer reconstruct | encode | decode`: run a tokenizer on your own videos and images.
 
-Inputs are a video or image file, a folder (searched recursively) or a meta file (.csv / .parquet). With
-one input file `--out` is the output file; otherwise it is a folder that mirrors the input names. Frames are
-read at full frame rate (`--stride` to subsample), trimmed to a multiple of 4 (`--max-frames` caps them);
-sizes must be multiples of 32, or pass `--size H W` (resize-to-fill + centre crop) or `--pad` (replicate-pad,
-crop back afterwards). Large inputs are tiled automatically. Existing outputs are kept unless `--overwrite`.
+The tokenizer (`--ckpt`) is a model folder or a release file: the Video DC-AE, the HunyuanVideo VAE
+(`hunyuan_vae.safetensors`) or the Flux AE (`flux1-dev-ae.safetensors`, frame by frame). Inputs are a video or
+image file, a folder (searched recursively) or a meta file (.csv / .parquet). With one input file `--out` is the
+output file; otherwise it is a folder that mirrors the input names. Frames are read at full frame rate
+(`--stride` to subsample) and trimmed to what the tokenizer takes (`--max-frames` caps them): a multiple of 4
+for the DC-AE, 1 + 4k for the causal HunyuanVideo VAE, any count for the Flux AE. Sizes must be multiples of
+its spatial factor (32 for the DC-AE, 8 for the others), or pass `--size H W` (resize-to-fill + centre crop) or
+`--pad` (replicate-pad, crop back afterwards). Large inputs are tiled automatically (the HunyuanVideo VAE tiles
+as its reference does: `--tiling` switches it, `--tile-size` sets its tile). Existing outputs are kept unless
+`--overwrite`.
 """
 
 from __future__ import annotations
@@ -41,18 +46,21 @@ from cinedit.data.video import (
 )
 from cinedit.runtime.dist import resolve_device
 from cinedit.runtime.files import atomic_path
-from cinedit.tokenizer.loading import load_tokenizer, tokenizer_hash
+from cinedit.tokenizer.loading import Tokenizer, load_tokenizer, tokenizer_hash
 from cinedit.tokenizer.metrics import psnr, ssim
-from cinedit.tokenizer.model import VideoDCAE
 from cinedit.tokenizer.tiling import TilingConfig
 from cinedit.tokenizer.tiling import decode as tiled_decode
 from cinedit.tokenizer.tiling import encode as tiled_encode
 
 LATENT_EXT = ".safetensors"
 CKPT_REQUIRED = (
-    "--ckpt is required: a model folder written by `cinedit tokenizer train` / save_pretrained, or the released "
-    "Video DC-AE safetensors file"
+    "--ckpt is required: a model folder written by `cinedit tokenizer train` / save_pretrained, or a released "
+    "tokenizer file (the Video DC-AE's, hunyuan_vae.safetensors or flux1-dev-ae.safetensors)"
 )
+DEFAULT_TILE = 256
+# What `encode_latents` (the generator's latents) computes from the unscaled latent z, by tokenizer kind.
+LATENT_RULES = {"dcae": "z / scaling_factor", "hunyuan_vae": "scaling_factor * (z - shift_factor)"}
+LATENT_RULES["flux_ae"] = LATENT_RULES["hunyuan_vae"]
 
 
 class InputError(ValueError):
@@ -64,7 +72,7 @@ class Clip:
     """One input, read and ready for the model."""
 
     path: Path
-    video: Tensor  # (1, 3, T, H', W') in [-1, 1], H' and W' padded to multiples of 32 if asked
+    video: Tensor  # (1, 3, T, H', W') in [-1, 1], H' and W' padded to the tokenizer's multiple if asked
     fps: float  # of the frames read (source fps / stride); 0 for images
     height: int  # before padding
     width: int
@@ -123,19 +131,23 @@ def read_clip(
     pad: bool = False,
     multiple: int = 32,
     frame_multiple: int = 4,
+    causal: bool = False,
 ) -> Clip:
-    """Read one input for the tokenizer: frames trimmed to a multiple of 4, sizes checked or padded."""
+    """Read one input for the tokenizer: frames trimmed to a multiple of `frame_multiple` (1 + a multiple when
+    `causal`), sizes checked or padded to multiples of `multiple`."""
     info = probe(path)
     if info.is_image:
         video, fps = read_video(path, size=size), 0.0
     else:
         avail = num_sampled_frames(info.num_frames, stride)
         t = min(avail, max_frames) if max_frames else avail
-        t -= t % frame_multiple
-        if t < frame_multiple:
+        t = 1 + (t - 1) // frame_multiple * frame_multiple if causal and t > 0 else t - t % frame_multiple
+        least = frame_multiple + 1 if causal else frame_multiple
+        if t < least:
+            rule = f"1 + {frame_multiple}k frames for this causal tokenizer" if causal else f"{frame_multiple}k frames"
             raise InputError(
-                f"{path}: {avail} frame(s) at stride {stride}; a video needs at least {frame_multiple} "
-                f"(use an image file for single frames)"
+                f"{path}: {avail} frame(s) at stride {stride}; a video needs at least {least} ({rule}; "
+                f"use an image file for single frames)"
             )
         video = read_video(path, num_frames=t, stride=stride, size=size, start=0, total_frames=info.num_frames)
         fps = info.fps / stride
@@ -151,9 +163,47 @@ def read_clip(
     return Clip(path, video[None], fps, h, w)
 
 
-def _tiling(args: argparse.Namespace) -> TilingConfig:
+def read_for(model: Tokenizer, path: Path, args: argparse.Namespace, max_frames: int | None = None) -> Clip:
+    """Read one input with the frame and size rules of `model` (its `latent_shape` has the last word)."""
+    clip = read_clip(
+        path,
+        max_frames if max_frames is not None else args.max_frames,
+        args.stride,
+        tuple(args.size) if args.size else None,
+        args.pad,
+        multiple=model.spatial_compression,
+        frame_multiple=model.temporal_compression,
+        causal=model.causal,
+    )
+    try:
+        model.latent_shape(*clip.video.shape[2:])
+    except ValueError as e:
+        raise InputError(f"{path}: {e}") from None
+    return clip
+
+
+def tiling_for(args: argparse.Namespace, model: Tokenizer, progress: bool = True) -> TilingConfig:
+    """The DC-AE tiler's config from `--tiling`, `--tile-size` and `--tile-frames`; a tokenizer that tiles itself
+    takes the flags into its own config instead (and the returned config goes unused)."""
     enabled = {"auto": None, "on": True, "off": False}[args.tiling]
-    return TilingConfig(spatial_tile=args.tile_size, temporal_tile=args.tile_frames, enabled=enabled)
+    if getattr(model, "native_tiling", False):
+        configure_native_tiling(model, args.tiling, args.tile_size)
+        return TilingConfig(enabled=enabled, progress=progress)
+    tile = args.tile_size or DEFAULT_TILE
+    return TilingConfig(spatial_tile=tile, temporal_tile=args.tile_frames, enabled=enabled, progress=progress)
+
+
+def configure_native_tiling(model: Tokenizer, tiling: str, tile_size: int | None) -> None:
+    """Apply `--tiling on|off` and `--tile-size` to a tokenizer that tiles itself (a config with `spatial_tiling`);
+    `auto` keeps its config. The DC-AE's tiles come from the TilingConfig instead."""
+    config = model.config
+    if not getattr(model, "native_tiling", False) or not hasattr(config, "spatial_tiling"):
+        return
+    if tiling != "auto":
+        config.spatial_tiling = tiling == "on"
+    if tile_size:
+        config.tile_sample_size = tile_size
+    config.validate()  # a tile size the reference's scheme cannot stitch is refused here, with the sizes it takes
 
 
 def write_frames(path: Path, video: Tensor, fps: float) -> Path:
@@ -215,6 +265,7 @@ def _run(args: argparse.Namespace, work) -> int:
         if not args.ckpt:
             raise InputError(CKPT_REQUIRED)
         model = load_tokenizer(args.ckpt, resolve_device(args.device))
+        tiling = tiling_for(args, model)
     except (InputError, FileNotFoundError, ValueError) as e:
         print(f"cinedit tokenizer {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -228,7 +279,7 @@ def _run(args: argparse.Namespace, work) -> int:
             continue
         try:
             with torch.no_grad():
-                print(work(model, src, dst))
+                print(work(model, tiling, src, dst))
         except (InputError, MediaError, ValueError) as e:
             failed += 1
             print(f"cinedit tokenizer {args.command}: error: {e}", file=sys.stderr)
@@ -240,7 +291,7 @@ def _run(args: argparse.Namespace, work) -> int:
     return 0
 
 
-def reconstruct(model: VideoDCAE, clip: Clip, tiling: TilingConfig) -> tuple[Tensor, Tensor]:
+def reconstruct(model: Tokenizer, clip: Clip, tiling: TilingConfig) -> tuple[Tensor, Tensor]:
     """Encode + decode a clip (tiled when large): (reconstruction, reference), both cropped back, float on the CPU."""
     p = next(model.parameters())
     x = clip.video.to(p.device, p.dtype)
@@ -250,10 +301,8 @@ def reconstruct(model: VideoDCAE, clip: Clip, tiling: TilingConfig) -> tuple[Ten
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    tiling = _tiling(args)
-
-    def work(model: VideoDCAE, src: Path, dst: Path) -> str:
-        clip = read_clip(src, args.max_frames, args.stride, args.size, args.pad)
+    def work(model: Tokenizer, tiling: TilingConfig, src: Path, dst: Path) -> str:
+        clip = read_for(model, src, args)
         rec, ref = reconstruct(model, clip, tiling)
         write_frames(dst, rec[0], clip.fps)
         quality = f"PSNR {psnr(rec, ref).item():.2f} dB"
@@ -265,10 +314,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    tiling = _tiling(args)
-
-    def work(model: VideoDCAE, src: Path, dst: Path) -> str:
-        clip = read_clip(src, args.max_frames, args.stride, args.size, args.pad)
+    def work(model: Tokenizer, tiling: TilingConfig, src: Path, dst: Path) -> str:
+        clip = read_for(model, src, args)
         z = tiled_encode(model, clip.video.to(next(model.parameters()).device), tiling)[0]
         meta = {
             "format": "cinedit-latent-v1",
@@ -280,20 +327,23 @@ def _encode(args: argparse.Namespace) -> int:
             "padded_height": clip.video.shape[3],
             "padded_width": clip.video.shape[4],
             "scaling_factor": model.scaling_factor,
+            "shift_factor": model.shift_factor,
+            "latent_rule": LATENT_RULES.get(model.kind, ""),
             "scaled": False,
+            "tokenizer_kind": model.kind,
             "tokenizer_config_hash": tokenizer_hash(model),
             "tokenizer_config": json.dumps(dataclasses.asdict(model.config)),
         }
         save_latent(dst, z, meta)
-        return f"{src} -> {dst}: latent {tuple(z.shape)} (unscaled; scaling factor {model.scaling_factor})"
+        factors = f"scaling factor {model.scaling_factor}"
+        factors += f", shift {model.shift_factor}" if model.shift_factor else ""
+        return f"{src} -> {dst}: latent {tuple(z.shape)} (unscaled; {factors})"
 
     return _run(args, work)
 
 
 def _decode(args: argparse.Namespace) -> int:
-    tiling = _tiling(args)
-
-    def work(model: VideoDCAE, src: Path, dst: Path) -> str:
+    def work(model: Tokenizer, tiling: TilingConfig, src: Path, dst: Path) -> str:
         if src.suffix != LATENT_EXT:
             raise InputError(f"{src}: latent files are {LATENT_EXT} files written by `cinedit tokenizer encode`")
         z, meta = load_latent(src)
@@ -320,14 +370,18 @@ def _common(p: argparse.ArgumentParser, reads_media: bool) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--tiling", choices=["auto", "on", "off"], default="auto", help="default: tile large inputs")
-    p.add_argument("--tile-size", type=int, default=256, help="spatial tile in pixels (default 256)")
+    p.add_argument(
+        "--tile-size", type=int, default=None, help="spatial tile in pixels (default 256; HunyuanVAE: its config's)"
+    )
     p.add_argument("--tile-frames", type=int, default=32, help="temporal tile in frames (default 32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     if reads_media:
         p.add_argument("--max-frames", type=int, default=None, help="read at most this many frames")
         p.add_argument("--stride", type=int, default=1, help="temporal stride in source frames (default 1)")
         p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="resize-to-fill + centre crop")
-        p.add_argument("--pad", action="store_true", help="pad sizes to multiples of 32 and crop back")
+        p.add_argument(
+            "--pad", action="store_true", help="pad sizes to the tokenizer's multiple (DC-AE 32, others 8), crop back"
+        )
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -355,7 +409,10 @@ __all__ = [
     "find_inputs",
     "output_names",
     "load_latent",
+    "configure_native_tiling",
     "read_clip",
+    "read_for",
+    "tiling_for",
     "reconstruct",
     "save_latent",
 ]

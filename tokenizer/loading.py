@@ -1,7 +1,9 @@
-"""Reading and writing Video DC-AE weights: our format, the release's single file, and image DC-AE inflation.
+"""Reading and writing tokenizer weights: our format, the releases' single files, and image DC-AE inflation.
 
-- Ours: a folder with `config.json` (the `DCAEConfig`) and `model.safetensors` (`save_pretrained`).
-- The release: one safetensors file with the release's key names, which are also ours (`load_pretrained`).
+- Ours: a folder with `config.json` (the config, with the model class in `_class`) and `model.safetensors`
+  (`save_pretrained`), for the Video DC-AE, the HunyuanVideo VAE and the Flux AE alike.
+- The releases: one safetensors file each, told apart by their key names (`load_tokenizer`): the Video DC-AE's
+  (`load_pretrained`), `hunyuan_vae.safetensors` (`load_hunyuan_vae`) and `flux1-dev-ae.safetensors` (`load_flux_ae`).
 - An image DC-AE as diffusers' `AutoencoderDC` holds it (`init_from_image_dcae`): keys are mapped to ours and
   every 2D kernel is inflated to 3D by putting it in the temporal centre slice, so a T = 1 input (whose
   temporal neighbours are the zero padding) gives exactly the image model's output.
@@ -18,16 +20,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from cinedit.configs.tokenizer import DEBUG_TOKENIZER
 from cinedit.runtime import modelio
 from cinedit.runtime.modelio import save_model_folder
+from cinedit.tokenizer.flux_ae import FluxAE, FluxAEConfig, is_flux_ae_state, load_flux_ae
+from cinedit.tokenizer.hunyuan import HunyuanVAE, HunyuanVAEConfig, is_hunyuan_state, load_hunyuan_vae
 from cinedit.tokenizer.model import PRESETS, DCAEConfig, VideoDCAE
 
 DEBUG_TOKENIZER_SEED = 0
 
+Tokenizer = VideoDCAE | HunyuanVAE | FluxAE
+# Model folders record their class (`_class` in config.json); a folder without one is a Video DC-AE.
+TOKENIZER_CLASSES: dict[str, tuple[type, type]] = {
+    "VideoDCAE": (VideoDCAE, DCAEConfig),
+    "HunyuanVAE": (HunyuanVAE, HunyuanVAEConfig),
+    "FluxAE": (FluxAE, FluxAEConfig),
+}
+# How a tokenizer runs, not what it computes: left out of `tokenizer_hash`, so its latents stay valid.
+RUNTIME_FIELDS = ("tile_sample_size", "tile_overlap", "spatial_tiling", "temporal_tiling", "tile_sample_frames")
+DCAE_KEY = "encoder.project_out.main.op_list.0.conv.weight"
 
-def save_pretrained(model: VideoDCAE, out_dir: str | os.PathLike) -> Path:
+
+def save_pretrained(model: Tokenizer, out_dir: str | os.PathLike) -> Path:
     """Write `config.json` + `model.safetensors` into `out_dir`, each atomically (weights first)."""
     return save_model_folder(model, model.config, out_dir)
 
@@ -39,7 +55,7 @@ def read_config(path: str | os.PathLike) -> DCAEConfig:
 
 def release_config(state: dict[str, torch.Tensor]) -> DCAEConfig:
     """The release preset matching a checkpoint's latent width (128 or 256 channels)."""
-    key = "encoder.project_out.main.op_list.0.conv.weight"
+    key = DCAE_KEY
     if key not in state:
         raise ValueError(
             f"not a Video DC-AE checkpoint: no `{key}` among its {len(state)} tensors "
@@ -217,18 +233,53 @@ def init_from_image_dcae(image_model: Any, temporal: list[bool] | None = None) -
     return model
 
 
-def load_tokenizer(spec: str | os.PathLike, device: torch.device | str = "cpu") -> VideoDCAE:
-    """A frozen Video DC-AE in eval mode on `device`: a model folder, a release .safetensors file, or `debug`.
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """Which tokenizer class a model folder or a single safetensors file holds: a key of TOKENIZER_CLASSES.
 
-    The one loader behind every command and trainer that uses a tokenizer. `debug` is the debug preset with RANDOM
-    weights (seeded, so the trainer and `cinedit data cache` build the same one): its latents carry no learned
-    structure, it is for smoke runs and tests only.
+    Folders say so in config.json; single files are told apart by their key names (only the names are read).
+    """
+    path = Path(path)
+    if path.is_dir():
+        config = path / modelio.CONFIG_NAME
+        if not config.is_file():
+            raise FileNotFoundError(f"{path}: a model folder holds {modelio.CONFIG_NAME} and {modelio.WEIGHTS_NAME}")
+        name = json.loads(config.read_text()).get("_class", "VideoDCAE")
+        if name not in TOKENIZER_CLASSES:
+            raise ValueError(f"{path}: a {name} folder is not a tokenizer (known: {', '.join(TOKENIZER_CLASSES)})")
+        return name
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only safetensors checkpoints are read (convert .pt/.ckpt files first)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = modelio.adapt_state_dict(dict.fromkeys(f.keys()))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if DCAE_KEY in keys:
+        return "VideoDCAE"
+    if is_hunyuan_state(keys):
+        return "HunyuanVAE"
+    if is_flux_ae_state(keys):
+        return "FluxAE"
+    raise ValueError(
+        f"{path}: not a known tokenizer checkpoint (first keys: {sorted(keys)[:3]}); expected the Video DC-AE's "
+        f"`{DCAE_KEY}`, the HunyuanVideo VAE's `encoder.down_blocks.0.resnets.0.conv1.conv.weight` or the Flux "
+        f"AE's `encoder.down.0.block.0.conv1.weight`"
+    )
+
+
+def load_tokenizer(spec: str | os.PathLike, device: torch.device | str = "cpu") -> Tokenizer:
+    """A frozen tokenizer in eval mode on `device`: a model folder, a release .safetensors file, or `debug`.
+
+    The one loader behind every command and trainer that uses a tokenizer. Release files are the Video DC-AE's,
+    `hunyuan_vae.safetensors` or `flux1-dev-ae.safetensors`, recognised by their key names. `debug` is the Video
+    DC-AE debug preset with RANDOM weights (seeded, so the trainer and `cinedit data cache` build the same one): its
+    latents carry no learned structure, it is for smoke runs and tests only.
     """
     spec = str(spec) if spec else ""
     if not spec:
         raise ValueError(
-            "no tokenizer given: pass a Video DC-AE model folder or the release's .safetensors file "
-            "(or 'debug' for the random-weight debug tokenizer)"
+            "no tokenizer given: pass a model folder or a release .safetensors file (Video DC-AE, "
+            "hunyuan_vae.safetensors or flux1-dev-ae.safetensors), or 'debug' for the random-weight debug tokenizer"
         )
     if spec == DEBUG_TOKENIZER:
         with torch.random.fork_rng(devices=[]):
@@ -237,12 +288,15 @@ def load_tokenizer(spec: str | os.PathLike, device: torch.device | str = "cpu") 
     else:
         if not Path(spec).exists():
             raise FileNotFoundError(f"tokenizer {spec!r}: no such model folder or .safetensors file")
-        model = load_pretrained(spec)
+        loaders = {"VideoDCAE": load_pretrained, "HunyuanVAE": load_hunyuan_vae, "FluxAE": load_flux_ae}
+        model = loaders[checkpoint_kind(spec)](spec)
     return model.to(device).eval().requires_grad_(False)
 
 
-def tokenizer_hash(model: VideoDCAE) -> str:
+def tokenizer_hash(model: Tokenizer) -> str:
     """A short hash of the tokenizer's architecture, recorded with every latent (latents only decode with the same
-    architecture, and a latent cache only serves the tokenizer that wrote it)."""
-    doc = json.dumps(dataclasses.asdict(model.config), sort_keys=True)
-    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+    architecture, and a latent cache only serves the tokenizer that wrote it). Tiling settings are not part of it."""
+    doc = dataclasses.asdict(model.config)
+    if not isinstance(model, VideoDCAE):  # the DC-AE's hash predates the other kinds: keep it as it was
+        doc = {"_class": type(model).__name__, **{k: v for k, v in doc.items() if k not in RUNTIME_FIELDS}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]

@@ -393,6 +393,11 @@ class Decoder(nn.Module):
 class VideoDCAE(nn.Module):
     """Video DC-AE: (b, 3, t, h, w) in [-1, 1] <-> latents (b, c, t/4, h/32, w/32); t = 1 is an image."""
 
+    kind = "dcae"
+    causal = False  # its temporal convolutions look both ways: 4 frames per latent frame
+    native_tiling = False  # large inputs go through tokenizer.tiling
+    shift_factor = 0.0  # deterministic AE: latents are only scaled
+
     def __init__(self, config: DCAEConfig):
         super().__init__()
         config.validate()
@@ -422,6 +427,10 @@ class VideoDCAE(nn.Module):
         t = 1 if num_frames == 1 else num_frames // self.temporal_compression
         s = self.spatial_compression
         return self.config.latent_channels, t, height // s, width // s
+
+    def decoded_frames(self, t_latent: int) -> int:
+        """Frames that `t_latent` latent frames decode to by default: 4t, or 1 (an image) for t = 1."""
+        return 1 if t_latent == 1 else t_latent * self.temporal_compression
 
     def _check_size(self, t: int, h: int, w: int) -> None:
         s, tc = self.spatial_compression, self.temporal_compression
@@ -462,8 +471,11 @@ class VideoDCAE(nn.Module):
         """Reconstruction of x, with the same shape as x."""
         return self.decode(self.encode(x), num_frames=x.shape[2])
 
-    def encode_latents(self, x: Tensor) -> Tensor:
-        """Latents as the generator sees them: encode(x) / scaling_factor."""
+    def encode_latents(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Latents as the generator sees them: encode(x) / scaling_factor.
+
+        `sample` and `generator` exist for the KL tokenizers' interface; this AE is deterministic and ignores them.
+        """
         z = self.encode(x)
         return z if self.scaling_factor is None else z / self.scaling_factor
 

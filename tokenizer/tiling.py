@@ -3,6 +3,10 @@
 Tiles are planned in latent units (32 px, 4 frames), so every tile is a valid model input and tile borders fall on
 latent positions. Each tile's output is written straight into one output buffer with separable blend weights that sum
 to 1 along every axis, so only one tile's activations are alive at a time.
+
+Tokenizers with `native_tiling` (the HunyuanVideo VAE and the Flux AE) tile themselves, as their reference does:
+`encode`, `decode` and `chunked_latents` hand them the whole input (cutting a causal VAE's clip by frames would
+re-start its causal context at every chunk).
 """
 
 from __future__ import annotations
@@ -240,6 +244,8 @@ def frame_chunks(frames: int, overlap: float = 0.25) -> TilingConfig:
 def encode(model: Autoencoder, x: Tensor, cfg: TilingConfig | None = None) -> Tensor:
     """model.encode(x), tiled when x exceeds the config's thresholds (or tiling is forced on)."""
     cfg = TilingConfig() if cfg is None else cfg
+    if getattr(model, "native_tiling", False):
+        return model.encode(x)
     if x.ndim == 5 and cfg.should_tile(*x.shape[2:]):
         return tiled_encode(model, x, cfg)
     return model.encode(x)
@@ -248,6 +254,8 @@ def encode(model: Autoencoder, x: Tensor, cfg: TilingConfig | None = None) -> Te
 def decode(model: Autoencoder, z: Tensor, cfg: TilingConfig | None = None, num_frames: int | None = None) -> Tensor:
     """model.decode(z, num_frames), tiled when the decoded size exceeds the config's thresholds (or forced on)."""
     cfg = TilingConfig() if cfg is None else cfg
+    if getattr(model, "native_tiling", False):
+        return model.decode(z, num_frames)
     if z.ndim == 5:
         frames = z.shape[2] * model.temporal_compression if _is_video(z, model.temporal_compression, num_frames) else 1
         s = model.spatial_compression
@@ -257,6 +265,9 @@ def decode(model: Autoencoder, z: Tensor, cfg: TilingConfig | None = None, num_f
 
 
 def chunked_latents(model: Any, x: Tensor, frames: int) -> Tensor:
-    """`model.encode_latents(x)` (scaled, as the generator sees latents) computed `frames` frames at a time."""
+    """`model.encode_latents(x)` (scaled, as the generator sees latents) computed `frames` frames at a time; a model
+    with `native_tiling` encodes the whole clip itself."""
+    if getattr(model, "native_tiling", False):
+        return model.encode_latents(x)
     z = encode(model, x, frame_chunks(frames))
     return z if model.scaling_factor is None else z / model.scaling_factor
