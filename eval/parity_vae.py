@@ -141,3 +141,19 @@ def check_flux_ae(
         return None
 
     return _replay(model, tensors, global_rng, _tolerances(FLUX_AE_TOLERANCES, tol), "flux_ae")
+
+
+def build_hunyuan_vae(reference_config: dict, state: dict[str, Tensor]) -> hunyuan.HunyuanVAE:
+    """A HunyuanVideo VAE from the reference factory's arguments (release wrapper settings included) and weights."""
+    config = hunyuan.config_from_reference(reference_config)
+    model = hunyuan.HunyuanVAE(config).eval()
+    model.load_state_dict(hunyuan.hunyuan_state_dict(state, config), strict=True)
+    return model
+
+
+def build_flux_ae(reference_config: dict, state: dict[str, Tensor]) -> flux_ae.FluxAE:
+    """A Flux AE from the reference factory's arguments and its weights (BFL key names), strictly loaded."""
+    config = flux_ae.config_from_reference(reference_config)
+    model = flux_ae.FluxAE(config).eval()
+    model.load_state_dict(flux_ae.flux_ae_state_dict(state, len(config.ch_mult)), strict=True)
+    return model
