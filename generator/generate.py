@@ -43,6 +43,7 @@ from cinedit.generator.inference import (
     COND_TYPES,
     V2V_TYPES,
     InferenceError,
+    check_frames,
     Offload,
     Request,
     from_latents,
@@ -152,7 +153,11 @@ def decode(pipe: Pipeline, z: Tensor, num_frames: int, cfg: tiling.TilingConfig 
 def latent_shape(pipe: Pipeline, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
     """(1, C, t, h, w) of one sample, after checking that the size fits the tokenizer and the generator."""
     tok = pipe.tokenizer
-    check_shape(num_frames, height, width, tok.temporal_compression, spatial_multiple(pipe))
+    try:
+        check_frames(tok, num_frames)
+    except InferenceError as e:
+        raise InputError(str(e)) from None
+    check_shape(1, height, width, tok.temporal_compression, spatial_multiple(pipe))
     return (1, *tok.latent_shape(num_frames, height, width))
 
 
@@ -401,10 +406,9 @@ def _request(args, pipe: Pipeline, preset, prompt: str, size, num_frames: int, c
         flux, ae = pipe.t2i_generator, pipe.t2i_tokenizer
         aspect = args.aspect_ratio or (preset.aspect_ratio if preset else "16:9")
         req.t2i_prompts = [prompt]  # the release gives Flux the prompt without the suffixes
-        req.t2i_size = release_size(
-            preset.t2i_resolution if preset else "768px", aspect, ae.spatial_compression * flux.config.patch_size,
-            training=True,
-        )  # fmt: skip
+        resolution = args.t2i_resolution or (preset.t2i_resolution if preset else "768px")
+        multiple = ae.spatial_compression * flux.config.patch_size
+        req.t2i_size = release_size(resolution, aspect, multiple, training=True)
         req.t2i_guidance = preset.t2i_guidance if preset else 4.0
     return req
 
@@ -558,6 +562,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "--motion-score",
         metavar="N",
         help="append the release's caption suffix ' N motion score.' (release presets: 4; 'none' to leave it out)",
+    )
+    p.add_argument(
+        "--t2i-resolution",
+        help="t2i2v: the resolution Flux makes the first frame at (default: the preset's, 768px as released); it is "
+        "then resized and cropped to the video size",
     )
     p.add_argument("--ref-seed", type=int, help="seed of the reference encoding's posterior sample (default: --seed)")
     p.add_argument(
