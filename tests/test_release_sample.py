@@ -45,7 +45,10 @@ def release_dir(tmp_path_factory):
     video_model = MMDiT(_mmdit())
     torch.nn.init.normal_(video_model.cond_in.weight, std=0.05)  # a conditioning branch that matters
     _save(video_model, root / release.GENERATOR)
-    _save(HunyuanVAE(HunyuanVAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1)), root / release.HUNYUAN_VAE)
+    _save(
+        HunyuanVAE(HunyuanVAEConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1)),
+        root / release.HUNYUAN_VAE,
+    )
     flux_cfg = _mmdit(guidance_embed=True, cond_embed=False, rope_layout="interleaved")
     flux = MMDiT(flux_cfg)
     _save(flux, root / release.FLUX, fuse_qkv_state_dict(flux.state_dict(), flux_cfg))  # BFL's fused layout
