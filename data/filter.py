@@ -1,15 +1,18 @@
 """`cinedit data filter`: drop static, low-motion, small and short clips from a metadata table.
 
-Scores come from a window of up to `sample_frames` consecutive frames at the training stride
-ceil(fps / 24), taken from the middle of the clip (intros and outros are often title cards or fades).
-Frames are downscaled to at most 256 px on the short side (AREA) before scoring, which keeps decoding and
-differencing cheap and barely changes a mean absolute difference. Both scores are on the 0-255 scale of
-BT.601 luma; a pair of consecutive sampled frames is static when its mean absolute difference is below
-`static_threshold`.
+This command's own scores, `static_ratio` and `frame_diff`, come from a window of up to `sample_frames`
+consecutive frames at the training stride ceil(fps / 24), taken from the middle of the clip (intros and outros are
+often title cards or fades). Frames are downscaled to at most 256 px on the short side (AREA) before scoring, which
+keeps decoding and differencing cheap and barely changes a mean absolute difference. Differences are on the 0-255
+scale of BT.601 luma; a pair of consecutive sampled frames is static when its mean absolute difference is below
+`static_threshold` (`static_ratio` is the share of such pairs, `--max-static-ratio` bounds it); `frame_diff` is the
+mean of those differences (0-255), and `--min-frame-diff` bounds it.
 
-`--min-motion` / `--max-motion` bound the `motion_score` column. When the input already has one (the release's VMAF
-motion from `cinedit data score`), it is kept as it is and the bounds apply to it; a video without a value there
-fails them. Otherwise this command's own score (the mean luma difference above) fills the column, as before.
+`--min-motion` / `--max-motion` bound only the `motion_score` column, the release's VMAF motion written by
+`cinedit data score` (a different quantity on a different scale, and the number `--data.motion_score_suffix` puts
+in training captions). This command never writes that column: one already in the input is kept untouched, and
+without one the motion bounds are an error (run `cinedit data score META --out SCORED` first). A video without a
+value there fails them.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def frame_scores(
     num_frames: int | None = None,
     max_short_side: int = SCORE_SIZE,
 ) -> tuple[float, float]:
-    """(static_ratio, motion_score) of one video; raises `MediaError` if it cannot be read or is too short.
+    """(static_ratio, frame_diff) of one video; raises `MediaError` if it cannot be read or is too short.
 
     Args:
         num_frames: the file's frame count if known (e.g. from the index); spares a demux.
@@ -70,7 +73,7 @@ def frame_scores(
 
 
 def _score(task: tuple[str, int], static_threshold: float, sample_frames: int) -> tuple[float, float, str]:
-    """frame_scores for the worker pool: (static_ratio, motion_score, "") or (nan, nan, error)."""
+    """frame_scores for the worker pool: (static_ratio, frame_diff, "") or (nan, nan, error)."""
     path, n = task
     if not os.path.isfile(path):
         return math.nan, math.nan, "missing"
@@ -98,8 +101,11 @@ def _precheck(row, keep_images: bool, min_height: int, min_width: int, min_durat
     return None
 
 
+FRAME_DIFF_COLUMN = "frame_diff"  # this command's mean absolute luma difference (0-255), not the release's score
+
+
 def _motion_check(score: float, min_motion: float | None, max_motion: float | None):
-    """(reason, detail) when a video's motion score is missing or outside the bounds, else None."""
+    """(reason, detail) when a video's release motion score is missing or outside the bounds, else None."""
     if min_motion is None and max_motion is None:
         return None
     score = float(score)
@@ -115,10 +121,24 @@ def _motion_check(score: float, min_motion: float | None, max_motion: float | No
     return None
 
 
+def check_motion_bounds(
+    columns, min_motion: float | None, max_motion: float | None, meta: str = "META", source: str = "the metadata"
+) -> None:
+    """Raise `MetaError` when a motion bound is given and `columns` lack the release's `motion_score`."""
+    if (min_motion is None and max_motion is None) or MOTION_SCORE_COLUMN in columns:
+        return
+    raise MetaError(
+        f"--min-motion/--max-motion bound the release's {MOTION_SCORE_COLUMN!r} column (VMAF motion), and {source} "
+        f"has none: run `cinedit data score {meta} --out SCORED` first and filter SCORED (to bound this command's "
+        f"own mean luma difference, the {FRAME_DIFF_COLUMN!r} column, use --min-frame-diff instead)"
+    )
+
+
 def filter_meta(
     df: pd.DataFrame,
     static_threshold: float = 0.9,
     max_static_ratio: float = 0.3,
+    min_frame_diff: float = 0.0,
     min_motion: float | None = None,
     max_motion: float | None = None,
     min_height: int = 0,
@@ -130,16 +150,18 @@ def filter_meta(
     workers: int = 1,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, list[dict]]:
-    """Score and filter meta rows: (kept rows with `static_ratio` and `motion_score`, report entries for dropped).
+    """Score and filter meta rows: (kept rows with `static_ratio` and `frame_diff`, report entries for dropped).
 
     Size filters apply to images and videos; frame, duration and motion filters to videos only. Images get
-    NaN scores. A `motion_score` column already in `df` (`cinedit data score`) is kept, and `min_motion` /
-    `max_motion` (None: no bound) apply to it; without one, the column holds this function's mean luma difference.
+    NaN scores. `min_frame_diff` bounds this function's mean luma difference (`frame_diff`, 0-255). `min_motion` /
+    `max_motion` (None: no bound) bound the release's `motion_score` column (`cinedit data score`), which must be
+    in `df` when either is given (ValueError otherwise) and is kept untouched.
     """
     if sample_frames < 2:
         raise ValueError(f"sample_frames must be at least 2 to compare frames, got {sample_frames}")
-    df = df.reset_index(drop=True).copy()
+    check_motion_bounds(df.columns, min_motion, max_motion)
     scored = MOTION_SCORE_COLUMN in df.columns  # the release's score, from `cinedit data score`
+    df = df.reset_index(drop=True).copy()
     given = pd.to_numeric(df[MOTION_SCORE_COLUMN], errors="coerce") if scored else None  # text that is no number: NaN
     df["image"] = [is_image(p) for p in df["path"]]
     failed: dict[int, tuple[str, str]] = {}  # row -> (reason, detail)
@@ -156,21 +178,21 @@ def filter_meta(
             tasks.append((i, (row.path, int(row.num_frames))))
 
     static = np.full(len(df), np.nan)
-    motion = np.full(len(df), np.nan)
+    diff = np.full(len(df), np.nan)
     score = partial(_score, static_threshold=static_threshold, sample_frames=sample_frames)
     results = parallel_map(score, [t for _, t in tasks], workers)
     for (i, _), (s, m, err) in tqdm(zip(tasks, results), total=len(tasks), desc="filter", disable=not progress):
-        static[i], motion[i] = s, m
+        static[i], diff[i] = s, m
         if err == "missing":
             failed[i] = ("missing", "file not found (moved or deleted since indexing?)")
         elif err:
             failed[i] = ("unreadable", err)
         elif s > max_static_ratio:
             failed[i] = ("static", f"static_ratio {s:.3f} > --max-static-ratio {max_static_ratio}")
-        else:
-            fail = _motion_check(given[i] if scored else m, min_motion, max_motion)
-            if fail is not None:
-                failed[i] = fail
+        elif m < min_frame_diff:
+            failed[i] = ("low_frame_diff", f"{FRAME_DIFF_COLUMN} {m:.3f} < --min-frame-diff {min_frame_diff}")
+        elif scored and (fail := _motion_check(given[i], min_motion, max_motion)) is not None:
+            failed[i] = fail
     for i in images:
         path = df.at[i, "path"]
         try:
@@ -179,8 +201,7 @@ def filter_meta(
             failed[i] = ("missing" if not os.path.isfile(path) else "unreadable", str(e))
 
     df["static_ratio"] = static
-    if not scored:
-        df[MOTION_SCORE_COLUMN] = motion
+    df[FRAME_DIFF_COLUMN] = diff
     report = [{"path": df.at[i, "path"], "reason": r, "detail": d} for i, (r, d) in sorted(failed.items())]
     kept = df.drop(index=list(failed)).drop(columns="image").reset_index(drop=True)
     return kept, report
@@ -194,10 +215,12 @@ def run(args: argparse.Namespace) -> int:
         df = read_meta(args.meta)
         if df.empty:
             raise MetaError(f"{args.meta}: has no rows to filter")
+        check_motion_bounds(df.columns, args.min_motion, args.max_motion, meta=str(args.meta), source=str(args.meta))
         kept, report = filter_meta(
             df,
             static_threshold=args.static_threshold,
             max_static_ratio=args.max_static_ratio,
+            min_frame_diff=args.min_frame_diff,
             min_motion=args.min_motion,
             max_motion=args.max_motion,
             min_height=args.min_height,
@@ -234,11 +257,11 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "filter",
         help="drop static, low-motion, small or short clips from a metadata file",
-        description="Score each video's static-frame ratio and motion (mean absolute luma difference, 0-255, "
-        "between consecutive frames at stride ceil(fps/24), up to --sample-frames from the middle of the clip) "
-        "and drop rows that fail the thresholds. Adds columns static_ratio and motion_score (empty for images); a "
-        "motion_score column already in META (the release's VMAF motion, from `cinedit data score`) is kept and "
-        "--min-motion/--max-motion apply to it. "
+        description="Score each video's static-frame ratio and frame difference (mean absolute luma difference, "
+        "0-255, between consecutive frames at stride ceil(fps/24), up to --sample-frames from the middle of the "
+        "clip) and drop rows that fail the thresholds. Adds columns static_ratio and frame_diff (empty for images). "
+        "--min-motion/--max-motion bound the release's VMAF motion instead: the motion_score column that "
+        "`cinedit data score` writes, which META must have (it is kept untouched; this command never writes it). "
         "Dropped rows are listed in OUT_STEM.report.csv.",
     )
     p.add_argument("meta", metavar="META", help="input metadata file (.csv or .parquet)")
@@ -254,14 +277,23 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "--max-static-ratio", type=float, default=0.3, help="drop clips with more static pairs than this (default 0.3)"
     )
     p.add_argument(
+        "--min-frame-diff",
+        type=float,
+        default=0.0,
+        help="drop videos whose frame_diff (this command's mean absolute luma difference, 0-255) is lower (default 0)",
+    )
+    p.add_argument(
         "--min-motion",
         type=float,
         default=None,
-        help="drop videos with a lower motion_score: the release's VMAF motion when META has the column "
-        "(`cinedit data score`; videos without a value are dropped), else this command's mean luma difference",
+        help="drop videos whose motion_score (the release's VMAF motion) is lower; META must have the column: run "
+        "`cinedit data score META --out SCORED` first (videos without a value are dropped)",
     )
     p.add_argument(
-        "--max-motion", type=float, default=None, help="drop videos with a higher motion_score (see --min-motion)"
+        "--max-motion",
+        type=float,
+        default=None,
+        help="drop videos whose motion_score (the release's VMAF motion) is higher (see --min-motion)",
     )
     p.add_argument("--min-height", type=int, default=0, help="drop videos and images shorter than this (pixels)")
     p.add_argument("--min-width", type=int, default=0, help="drop videos and images narrower than this (pixels)")

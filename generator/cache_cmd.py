@@ -6,7 +6,9 @@ by the tokenizer and divided by its scaling factor (the latent as the generator 
 encoded by the text encoder. One `CacheWriter` folder holds per row the tensors `latent` (c, t, h, w), `txt`
 (l, d) and `vec` (d) (the layout `encode_to_cache` writes) and the meta `num_frames, height, width` (the pixel
 shape at the stride, i.e. the bucket shape), `fps` (of the frames read), `text`, `path`, `scaled` (true),
-`scaling_factor`, `tokenizer` (config hash) and `text_encoder` (identity). The empty prompt's embeddings go to
+`scaling_factor`, `tokenizer` (config hash), `text_encoder` (identity) and `motion_score_suffix` (whether the
+captions end in the release's " N motion score.", `--motion-score-suffix`; training with
+`--data.motion_score_suffix=true` refuses a cache without it). The empty prompt's embeddings go to
 `empty_text.safetensors` beside the shards (caption dropout needs them without loading the text encoder).
 
 Keys are `NAME-HASH-TxHxW`, so a second run skips what is there (resume), and a run with other buckets adds
@@ -44,6 +46,7 @@ from cinedit.data.cache import (
     sample_key,
     write_empty_text,
 )
+from cinedit.data.captions import MOTION_SCORE_COLUMN
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta
 from cinedit.generator.text import load_text_encoder, text_identity
@@ -82,8 +85,13 @@ def build_cache(
     chunk: int = 16,
     progress: bool = True,
     chunk_frames: int = 0,
+    motion_score_suffix: bool = False,
 ) -> CacheStats:
-    """Encode the rows of `meta_path` into the cache folder `out` (see the module docstring); returns counts."""
+    """Encode the rows of `meta_path` into the cache folder `out` (see the module docstring); returns counts.
+
+    `motion_score_suffix` ends each caption with " {round(motion_score)} motion score." (the meta's `motion_score`
+    column from `cinedit data score`, as `--data.motion_score_suffix=true` does in training) before it is embedded.
+    """
     if chunk_frames and (chunk_frames < 4 or chunk_frames % 4):
         raise ValueError(f"--chunk-frames must be 0 or a multiple of 4, got {chunk_frames}")
     if (buckets is None) == (size is None):
@@ -95,12 +103,19 @@ def build_cache(
     if text_encoder not in TEXT_ENCODERS:
         raise ValueError(f"unknown text encoder {text_encoder!r}; choose one of {sorted(TEXT_ENCODERS)}")
     out = Path(out)
+    meta = read_meta(meta_path)
+    if motion_score_suffix and MOTION_SCORE_COLUMN not in meta.columns:  # before --overwrite clears anything
+        raise ValueError(
+            f"--motion-score-suffix needs a {MOTION_SCORE_COLUMN!r} column, and {meta_path} has none: add it with "
+            f"`cinedit data score {meta_path} --out SCORED` and cache SCORED"
+        )
     if overwrite and out.exists():
         for p in [*out.glob("shard-*.safetensors"), out / INDEX_FILE, out / EMPTY_TEXT_FILE, out / REPORT_FILE]:
             p.unlink(missing_ok=True)
     dev = resolve_device(device)
-    meta = read_meta(meta_path)
-    dcfg = DataConfig(meta=str(meta_path), frame_stride=frame_stride, seed=seed)
+    dcfg = DataConfig(
+        meta=str(meta_path), frame_stride=frame_stride, seed=seed, motion_score_suffix=motion_score_suffix
+    )
     dataset = VideoDataset(meta, dcfg)
     shapes = plan_shapes(meta, buckets, size, num_frames, frame_stride)
 
@@ -116,6 +131,13 @@ def build_cache(
                 raise ValueError(
                     f"{out} holds a cache from another tokenizer / text encoder ({m.get('tokenizer')}, "
                     f"{m.get('text_encoder')}; now {tok_hash}, {identity}): pass --overwrite or another --out"
+                )
+            if bool(m.get("motion_score_suffix", False)) != motion_score_suffix:
+                had = "with" if m.get("motion_score_suffix", False) else "without"
+                raise ValueError(
+                    f"{out} holds captions embedded {had} the motion-score suffix, and this run is "
+                    f"{'with' if motion_score_suffix else 'without'} --motion-score-suffix: one cache cannot mix "
+                    f"them; pass --overwrite or another --out"
                 )
     writer = CacheWriter(out, append=True)
     stats, bad_rows = CacheStats(), []
@@ -167,6 +189,7 @@ def build_cache(
                     "scaling_factor": tok.scaling_factor,
                     "tokenizer": tok_hash,
                     "text_encoder": identity,
+                    "motion_score_suffix": motion_score_suffix,
                 }
                 writer.add(key, {"latent": latent, "txt": txt, "vec": vec}, meta=doc)
                 stats.written += 1
@@ -223,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.quiet,
             chunk_frames=args.chunk_frames,
+            motion_score_suffix=args.motion_score_suffix,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"cinedit data cache: error: {e}", file=sys.stderr)
@@ -274,6 +298,12 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="encode clips longer than this in overlapping temporal chunks of this many frames (0: whole clips)",
+    )
+    p.add_argument(
+        "--motion-score-suffix",
+        action="store_true",
+        help="end each caption with the release's ' N motion score.' (N: META's motion_score, rounded; add it with "
+        "`cinedit data score`) before embedding it, for `cinedit generator train --data.motion_score_suffix=true`",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--overwrite", action="store_true", help="start a new cache in --out instead of continuing one")

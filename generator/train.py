@@ -117,8 +117,10 @@ def build_model(cfg: GeneratorModelConfig, config: MMDiTConfig) -> MMDiT:
 
 
 def check_cache(ds: CachedLatentDataset, cfg: GeneratorTrainConfig, tokenizer: Any) -> None:
-    """Refuse a cache that was not written for this tokenizer and text encoder, or holds unscaled latents."""
+    """Refuse a cache that was not written for this tokenizer and text encoder, or holds unscaled latents, or whose
+    captions disagree with `data.motion_score_suffix` (the cached text embeddings decide the captions)."""
     want_tok, want_text = tokenizer_hash(tokenizer), text_identity(cfg.text)
+    suffix = cfg.data.motion_score_suffix
     for key in ds.keys:
         m = ds.latents.meta(key)
         if not m.get("scaled", False):
@@ -138,6 +140,29 @@ def check_cache(ds: CachedLatentDataset, cfg: GeneratorTrainConfig, tokenizer: A
             )
         if "vec" not in ds.texts.tensor_names(key):
             raise ConfigError(f"cache entry {key!r} has no pooled `vec` text embedding; rebuild the cache")
+        _check_cached_suffix(key, text_m, m, suffix)
+
+
+def _check_cached_suffix(key: str, text_m: dict, latent_m: dict, suffix: bool) -> None:
+    """Refuse cached captions without the motion-score suffix when `data.motion_score_suffix` is on (the cache's
+    `motion_score_suffix` record, or, in a cache that does not record it, whether the text ends in "motion score."),
+    and cached captions recorded with it when it is off."""
+    recorded = text_m.get("motion_score_suffix")
+    if suffix:
+        text = str(text_m.get("text", latent_m.get("text", "")))
+        if recorded is False or (recorded is None and not text.rstrip().endswith("motion score.")):
+            raise ConfigError(
+                f"data.motion_score_suffix=true, but cache entry {key!r} holds text embeddings of captions without "
+                f"the motion-score suffix ({text!r}), and the cached embeddings decide the captions: re-cache with "
+                f"`cinedit data cache SCORED_META --out DIR ... --motion-score-suffix` (SCORED_META from "
+                f"`cinedit data score`), or set --data.motion_score_suffix=false"
+            )
+    elif recorded is True:
+        raise ConfigError(
+            f"cache entry {key!r} holds text embeddings of captions with the motion-score suffix "
+            f"(`cinedit data cache --motion-score-suffix`), but data.motion_score_suffix=false: set "
+            f"--data.motion_score_suffix=true to train with them, or re-cache without --motion-score-suffix"
+        )
 
 
 def build_dataset(cfg: GeneratorTrainConfig, info: DistInfo, tokenizer: Any) -> Dataset:

@@ -10,10 +10,13 @@ import pytest
 import torch
 from test_generator_train import make_media
 
+from cinedit.configs import PRESETS
+from cinedit.configs.core import ConfigError, apply_overrides
 from cinedit.data import cache as data_cache
 from cinedit.data.buckets import mix_seed
 from cinedit.data.cache import CacheReader
-from cinedit.data.dataset import VideoDataset
+from cinedit.data.captions import MOTION_SCORE_COLUMN
+from cinedit.data.dataset import CachedLatentDataset, VideoDataset
 from cinedit.data.meta import read_meta, write_meta
 from cinedit.generator import cache_cmd
 from cinedit.generator import train as train_mod
@@ -126,3 +129,69 @@ def test_no_text_encoder_given_is_refused_at_once(meta, tmp_path, capsys):
         cache_cli(str(meta), "--out", str(tmp_path / "cache"), "--tokenizer", "debug")
     assert e.value.code == 2 and "--text-encoder" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture(scope="module")
+def scored_meta(meta, tmp_path_factory) -> Path:
+    """`meta` with a release motion score per row, as `cinedit data score` writes it (made up: 1.4, 2.4, ...)."""
+    rows = read_meta(meta)
+    rows[MOTION_SCORE_COLUMN] = [1.4 + i for i in range(len(rows))]
+    return write_meta(rows, tmp_path_factory.mktemp("scored") / "scored.csv")
+
+
+def fixed_size(meta: Path, out: Path, *extra: str) -> tuple[str, ...]:
+    """Cache arguments for small, quick caches: one fixed 32x32 size, single frames."""
+    return (str(meta), "--out", str(out), "--tokenizer", "debug", "--text-encoder", "debug", "--quiet", *extra)
+
+
+def test_cache_with_motion_score_suffix(scored_meta, meta, tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert cache_cli(*fixed_size(scored_meta, out, "--size", "32", "32", "--motion-score-suffix")) == 0
+    reader = CacheReader(out)
+    scores = dict(zip(*read_meta(scored_meta)[["path", MOTION_SCORE_COLUMN]].T.values))
+    encoder = load_text_encoder("debug")
+    assert len(reader) == 8
+    for key in reader.keys():
+        m = reader.meta(key)
+        assert m["motion_score_suffix"] is True
+        assert m["text"].endswith(f" {round(scores[m['path']])} motion score.")
+        # The embedding is of the captioned text, suffix included.
+        assert torch.allclose(encoder.encode([m["text"]]).txt[0], reader.get(key)["txt"], atol=1e-5)
+
+    # One cache does not mix captions with and without the suffix.
+    assert cache_cli(*fixed_size(scored_meta, out, "--size", "32", "32")) == 2
+    assert "motion-score suffix" in capsys.readouterr().err
+    # Without the release's score column there is nothing to append (and --overwrite has cleared nothing).
+    assert cache_cli(*fixed_size(meta, out, "--size", "32", "32", "--motion-score-suffix", "--overwrite")) == 2
+    assert "cinedit data score" in capsys.readouterr().err and len(CacheReader(out)) == 8
+    assert cache_cli(*fixed_size(scored_meta, tmp_path / "plain", "--size", "32", "32")) == 0
+    plain = CacheReader(tmp_path / "plain")
+    assert all(plain.meta(k)["motion_score_suffix"] is False for k in plain.keys())
+    assert not any(plain.meta(k)["text"].endswith("motion score.") for k in plain.keys())
+
+
+def test_training_suffix_needs_a_suffixed_cache(scored_meta, tmp_path, capsys):
+    plain, suffixed = tmp_path / "plain", tmp_path / "suffixed"
+    assert cache_cli(*fixed_size(scored_meta, plain, "--size", "32", "32")) == 0
+    assert cache_cli(*fixed_size(scored_meta, suffixed, "--size", "32", "32", "--motion-score-suffix")) == 0
+    capsys.readouterr()
+    argv = ["debug", "--data.use_cache=true", "--train.progress=false"]
+    run = [*argv, f"--train.out_dir={tmp_path / 'run'}", f"--data.cache_dir={plain}", "--data.motion_score_suffix=true"]
+    assert train_mod.main(run) == 2
+    err = capsys.readouterr().err
+    assert "data.motion_score_suffix=true" in err and "--motion-score-suffix" in err and "re-cache" in err
+    # The other way round: a suffixed cache with the suffix off would train on captions the config does not say.
+    assert train_mod.main([*argv, f"--train.out_dir={tmp_path / 'run2'}", f"--data.cache_dir={suffixed}"]) == 2
+    assert "--data.motion_score_suffix=true" in capsys.readouterr().err
+
+    tok = load_tokenizer("debug")
+    debug = PRESETS["generator"]["debug"]
+    on = apply_overrides(debug(), ["--data.motion_score_suffix=true"])
+    train_mod.check_cache(CachedLatentDataset(suffixed), on, tok)  # matching: accepted
+    train_mod.check_cache(CachedLatentDataset(plain), debug(), tok)
+    # A cache that does not record the setting (written before it was recorded): the cached text decides.
+    old = {"text": "a cat 3 motion score."}
+    train_mod._check_cached_suffix("k", old, {}, suffix=True)
+    train_mod._check_cached_suffix("k", {"text": "a cat"}, {}, suffix=False)
+    with pytest.raises(ConfigError, match="--motion-score-suffix"):
+        train_mod._check_cached_suffix("k", {"text": "a cat"}, {}, suffix=True)

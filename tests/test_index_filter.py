@@ -18,7 +18,7 @@ from PIL import Image
 
 from cinedit.cli import group_main
 from cinedit.data.filter import filter_meta, frame_scores
-from cinedit.data.index import build_index, find_media
+from cinedit.data.index import build_index, find_media, report_path
 from cinedit.data.meta import COLUMNS, MetaError, read_meta
 from cinedit.data.video import write_video
 
@@ -244,8 +244,8 @@ def test_filter_cli(clips: Path, tmp_path: Path, capsys):
     args = ["filter", str(meta), "--out", str(out), "--min-height", "48", "--min-duration", "0.5", "--quiet"]
     assert main(args) == 0
     kept = read_meta(out)
-    assert list(kept.columns) == [*COLUMNS, "static_ratio", "motion_score"]
-    scores = {Path(p).name: (s, m) for p, s, m in zip(kept["path"], kept["static_ratio"], kept["motion_score"])}
+    assert list(kept.columns) == [*COLUMNS, "static_ratio", "frame_diff"]  # never the release's motion_score
+    scores = {Path(p).name: (s, m) for p, s, m in zip(kept["path"], kept["static_ratio"], kept["frame_diff"])}
     assert sorted(scores) == ["fast.mp4", "moving.mp4", "photo.png"]
     assert scores["moving.mp4"][0] == 0.0 and scores["moving.mp4"][1] > 0.9
     assert math.isnan(scores["photo.png"][0]) and math.isnan(scores["photo.png"][1])
@@ -267,9 +267,20 @@ def test_filter_cli(clips: Path, tmp_path: Path, capsys):
     assert report_of(out)["photo.png"][0] == "image"
 
     csv = tmp_path / "filtered.csv"
-    assert main(["filter", str(meta), "--out", str(csv), "--min-motion", "1000", "--keep-images", "--quiet"]) == 0
+    assert main(["filter", str(meta), "--out", str(csv), "--min-frame-diff", "1000", "--keep-images", "--quiet"]) == 0
     assert [Path(p).name for p in read_meta(csv)["path"]] == ["photo.png"]
-    assert report_of(csv)["moving.mp4"][0] == "low_motion"
+    assert report_of(csv)["moving.mp4"][0] == "low_frame_diff"
+    assert (
+        "frame_diff" in report_of(csv)["moving.mp4"][1] and "--min-frame-diff 1000" in report_of(csv)["moving.mp4"][1]
+    )
+
+    # --min-motion/--max-motion bound only the release's motion_score (`cinedit data score`), which META lacks.
+    for flag in ("--min-motion", "--max-motion"):
+        bad = tmp_path / f"motion{flag}.csv"
+        assert main(["filter", str(meta), "--out", str(bad), flag, "1", "--quiet"]) == 1
+        err = capsys.readouterr().err
+        assert f"cinedit data score {meta} --out SCORED" in err and "--min-frame-diff" in err
+        assert not bad.exists() and not report_path(bad).exists()
 
 
 def test_filter_unreadable_rows(clips: Path, tmp_path: Path, capsys):

@@ -152,9 +152,10 @@ def test_filter_by_motion(clips: Path, tmp_path: Path, capsys):
     kept, report = loose(df, min_motion=1.0)
     assert sorted(Path(p).name for p in kept["path"]) == ["moving.mp4", "photo.png"]  # images are not bounded
     assert {Path(r["path"]).name: r["reason"] for r in report} == {"static.mp4": "low_motion"}
-    # The release's score is kept as it was, not replaced by the filter's luma difference.
+    # The release's score is kept as it was; the filter's luma difference goes to its own column.
     given = dict(zip(df["path"], df[MOTION_SCORE_COLUMN]))
     assert dict(zip(kept["path"], kept[MOTION_SCORE_COLUMN])) == {p: given[p] for p in kept["path"]}
+    assert "frame_diff" in kept.columns and (kept["frame_diff"] != kept[MOTION_SCORE_COLUMN]).any()
     kept, report = loose(df, max_motion=1.0)
     assert {Path(r["path"]).name: r["reason"] for r in report} == {"moving.mp4": "high_motion"}
 
@@ -168,6 +169,22 @@ def test_filter_by_motion(clips: Path, tmp_path: Path, capsys):
     score_meta(build_index(clips, progress=False)[0], progress=False)[0].to_csv(meta, index=False)
     assert main(["filter", str(meta), "--out", str(out), "--min-motion", "1", "--max-motion", "100", "--quiet"]) == 0
     assert "kept 2 of 3 rows" in capsys.readouterr().out
+
+
+def test_motion_bounds_need_the_release_score(clips: Path, tmp_path: Path, capsys):
+    """Without `cinedit data score`, --min-motion/--max-motion are an error, never a bound on the luma difference."""
+    df, _ = build_index(clips, progress=False)
+    for bound in ({"min_motion": 1.0}, {"max_motion": 100.0}):
+        with pytest.raises(ValueError, match="cinedit data score META --out SCORED"):
+            filter_meta(df, progress=False, **bound)
+    kept, _ = filter_meta(df, max_static_ratio=1.0, progress=False)  # no bound: no score needed, none written
+    assert MOTION_SCORE_COLUMN not in kept.columns and "frame_diff" in kept.columns
+
+    meta, out = tmp_path / "meta.csv", tmp_path / "kept.csv"
+    df.to_csv(meta, index=False)
+    assert main(["filter", str(meta), "--out", str(out), "--min-motion", "1", "--quiet"]) == 1
+    assert f"run `cinedit data score {meta} --out SCORED` first" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "kept.report.csv").exists()
 
 
 def test_caption_suffix(clips: Path):

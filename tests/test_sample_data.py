@@ -49,9 +49,13 @@ def test_index_and_filter_commands_on_sample_data(sample_data, tmp_path):
     filtered = tmp_path / "filtered.csv"
     assert data_main(["filter", str(out), "--out", str(filtered), "--min-height", "200", "--quiet"]) == 0
     df = read_meta(filtered)
-    assert (df.height >= 200).all() and {"static_ratio", "motion_score"} <= set(df.columns)
+    assert (
+        (df.height >= 200).all()
+        and {"static_ratio", "frame_diff"} <= set(df.columns)
+        and "motion_score" not in df.columns
+    )
     vids = df[df.num_frames > 1]
-    assert len(vids) >= 5 and (vids.motion_score > 1).all() and (vids.static_ratio <= 0.3).all()
+    assert len(vids) >= 5 and (vids.frame_diff > 1).all() and (vids.static_ratio <= 0.3).all()
     dropped = pd.read_csv(tmp_path / "filtered.report.csv")
     assert set(dropped.reason) == {"too_small"}  # the 176x144 carphone clips
     assert len(dropped) == 2

@@ -151,7 +151,7 @@ def run_data(run: Run) -> dict[str, Any]:
             if data_dir.exists():
                 shutil.rmtree(data_dir)  # a half-built folder from an interrupted run
             build_sample_data(data_dir)
-        header("data: curation (static-frame ratio and motion score)")
+        header("data: curation (static-frame ratio and frame difference)")
         if not filtered.is_file():
             kept, dropped = filter_meta(read_meta(meta), min_height=128, min_width=128)
             write_report(dropped, report_path(filtered))
