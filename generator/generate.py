@@ -473,7 +473,8 @@ def context_parallel_velocity(model: Any) -> Any:
     """The model's forward with its sequence sharded over the default process group, or None for one process."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() < 2:
         return None
-    cp = ContextParallel()
+    world = torch.distributed.get_world_size()
+    cp = ContextParallel(mode="ulysses" if model.config.num_heads % world == 0 else "ring")
 
     def velocity(*args, **kwargs):
         return cp.forward(model, *args, **kwargs)

@@ -159,3 +159,22 @@ def test_offload_moves_each_model_back_after_use():
     with Offload(torch.device("cuda", 1), enabled=True).use(model) as m:
         assert m is model and moves == ["cuda:1"]
     assert moves == ["cuda:1", "cpu"]
+
+
+def test_high_compression_preset_reads_the_dcae_release(tmp_path):
+    preset = INFERENCE_PRESETS["high_compression"]
+    assert release.needed_files(preset) == {
+        "t5": release.T5,
+        "clip": release.CLIP,
+        "generator": release.DCAE_GENERATOR,
+        "tokenizer": release.DCAE,
+    }
+    (tmp_path / release.DCAE).touch()
+    assert release.is_release_folder(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match="(?s)Open_Sora_v2_Video_DC_AE.safetensors.*hpcai-tech/Open-Sora-v2-Video-DC-AE"
+    ):
+        release.release_paths(tmp_path, preset)
+    args = argparse.Namespace(preset=None, ckpt=str(tmp_path))
+    assert gen._preset(args).name == "high_compression"  # a folder with the DC-AE files only
+    assert not preset.tokenizer_scaling and preset.spatial_multiple == 32
