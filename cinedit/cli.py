@@ -22,6 +22,7 @@ GROUPS = {
             "cinedit.data.filter",
             "cinedit.data.score",
             "cinedit.data.sample",
+            "cinedit.data.control",
             "cinedit.generator.cache_cmd",
             "cinedit.data.bench",
         ],
@@ -32,9 +33,9 @@ GROUPS = {
         ["cinedit.tokenizer.train", "cinedit.tokenizer.commands"],
     ),
     "generator": (
-        "MMDiT: train, sample",
+        "MMDiT: train, sample, merge-lora",
         "The MMDiT video generator.",
-        ["cinedit.generator.train", "cinedit.generator.generate"],
+        ["cinedit.generator.train", "cinedit.generator.generate", "cinedit.generator.lora"],
     ),
 }
 # subsystem -> (module with `main(argv) -> int`, one-line help)

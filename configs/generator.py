@@ -27,7 +27,16 @@ STAGE1_I2V_WEIGHTS = {"t2v": 1.0, "i2v_head": 5.0, "i2v_tail": 1.0, "i2v_loop": 
 CAPTION_DROPOUT = 0.316  # T5 and CLIP each replaced by the empty prompt, independently (the release's rate)
 TEXT_KINDS = ("t5_clip", "minilm")
 TEXT_DTYPES = ("bf16", "fp32")
-GENERATOR_RUN_CONTROL = (*RUN_CONTROL, "train.eval_batches")
+GENERATOR_RUN_CONTROL = (
+    *RUN_CONTROL,
+    "train.eval_batches",
+    "train.sample_prompts",
+    "train.sample_steps",
+    "train.sample_frames",
+    "train.sample_size",
+)
+# `train.sample_prompts` value for two captions of the sample data (written to `<out_dir>/samples/prompts.txt`).
+DEBUG_PROMPTS = "debug"
 
 
 @dataclass
@@ -218,12 +227,18 @@ class GeneratorEMAConfig(EMAConfig):
 
 @dataclass
 class GeneratorLoopConfig(LoopConfig):
-    """The loop (`LoopConfig`), with fixed evaluation batches and the pipeline's frame rate."""
+    """The loop (`LoopConfig`), with fixed evaluation batches, validation samples and the pipeline's frame rate."""
 
     eval_every: int = 1000  # flow loss of fixed batches at fixed t and noise (0: never)
     eval_batches: int = 4
     out_dir: str = "runs/generator"
     fps: float = 24.0  # frame rate written into the pipeline (clips are read at about 24 fps)
+    # Every `sample_every` steps: each prompt of this file (one a line, as `cinedit generator sample --prompts`
+    # reads) sampled t2v from the `sample` section's seed, or "debug" (`DEBUG_PROMPTS`).
+    sample_prompts: str = ""
+    sample_steps: int = 0  # sampler steps; 0: sample.num_steps
+    sample_frames: int = 32
+    sample_size: tuple[int, int] = (256, 256)  # (H, W)
 
     def validate(self) -> None:
         super().validate()
@@ -231,6 +246,61 @@ class GeneratorLoopConfig(LoopConfig):
             raise ConfigError(f"train.eval_batches must be >= 1, got {self.eval_batches}")
         if self.fps <= 0:
             raise ConfigError(f"train.fps must be positive, got {self.fps}")
+        if self.sample_every and not self.sample_prompts:
+            raise ConfigError(
+                f"train.sample_every={self.sample_every} needs train.sample_prompts: a text file with one prompt a line"
+            )
+        if self.sample_steps < 0 or self.sample_frames < 1 or min(self.sample_size) < 1:
+            raise ConfigError(
+                f"train.sample_steps must be >= 0 (0: sample.num_steps), sample_frames and sample_size positive; got "
+                f"{self.sample_steps}, {self.sample_frames}, {list(self.sample_size)}"
+            )
+
+
+# The linear layers LoRA may adapt, by their names inside a block (`cinedit.generator.model`); a test keeps these in
+# step with the model. The modulation layers are `LoRAConfig.modulation`'s.
+LORA_DOUBLE_TARGETS = (
+    *(f"{s}_attn.{n}" for s in ("img", "txt") for n in ("q_proj", "k_proj", "v_proj", "proj")),
+    *(f"{s}_mlp.{i}" for s in ("img", "txt") for i in (0, 2)),
+)
+LORA_SINGLE_TARGETS = ("q_proj", "k_proj", "v_mlp", "linear2")
+LORA_MODULATION = ("img_mod.lin", "txt_mod.lin", "modulation.lin", "final_layer.adaLN_modulation.1")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on a frozen base (`cinedit.generator.lora`): only the adapters train, checkpoint and export.
+
+    The update of a layer is (alpha / rank) * B @ A, B starting at zero, so training starts from the base model.
+    """
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input
+    # Layers of every double block and every single block (names inside the block; default: all attention
+    # projections and MLPs).
+    double_targets: list[str] = field(default_factory=lambda: list(LORA_DOUBLE_TARGETS))
+    single_targets: list[str] = field(default_factory=lambda: list(LORA_SINGLE_TARGETS))
+    # Also the AdaLN modulation layers (`LORA_MODULATION`): the blocks' and the final layer's.
+    modulation: bool = False
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        for name, got, known in (
+            ("double_targets", self.double_targets, LORA_DOUBLE_TARGETS),
+            ("single_targets", self.single_targets, LORA_SINGLE_TARGETS),
+        ):
+            unknown = sorted(set(got) - set(known))
+            if unknown:
+                raise ConfigError(f"lora.{name}: unknown layers {unknown}; choose from {list(known)}")
+        if self.enabled and not (self.double_targets or self.single_targets or self.modulation):
+            raise ConfigError("lora.enabled=true with no target layers: set lora.double_targets / single_targets")
 
 
 @dataclass
@@ -248,6 +318,14 @@ class GeneratorTrainConfig:
     # ZeRO / DDP plugin, bf16, gradient clipping and context parallelism (cinedit.runtime.booster).
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SamplerConfig = field(default_factory=SamplerConfig)  # written into the pipeline for sampling
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # enabled: train adapters on the frozen model.init_from
+
+    def validate(self) -> None:
+        # The trainer asks for `model.init_from` (the base) when it builds the model, as for `tokenizer.path`.
+        if self.lora.enabled and self.ema.enabled:
+            raise ConfigError(
+                "lora.enabled=true keeps no EMA (the adapters are exported as trained): pass --ema.enabled=false"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,7 +342,8 @@ def text_encoder(name: str) -> TextEncoderConfig:
 def debug() -> GeneratorTrainConfig:
     """The debug MMDiT (16 latent channels, patch 1, widths derived from MiniLM: 384 / 384) on the debug tokenizer
     with RANDOM weights and the sample data (built into `<out_dir>/sample_data` unless `--data.meta` is given):
-    64px 8-frame clips and images, t2v + i2v (head, tail, loop) + 20% inpainting, EMA on, 20 steps.
+    64px 8-frame clips and images, t2v + i2v (head, tail, loop) + 20% inpainting, EMA on, 20 steps; every 10 steps
+    two 64px 8-frame validation samples of sample-data captions (`DEBUG_PROMPTS`).
 
     lr 1e-3 so a few steps show progress.
     """
@@ -277,7 +356,17 @@ def debug() -> GeneratorTrainConfig:
         optim=GeneratorOptimConfig(lr=1e-3),
         ema=GeneratorEMAConfig(enabled=True),
         train=GeneratorLoopConfig(
-            steps=20, log_every=1, eval_every=10, eval_batches=2, ckpt_every=10, out_dir="runs/generator_debug"
+            steps=20,
+            log_every=1,
+            eval_every=10,
+            eval_batches=2,
+            ckpt_every=10,
+            out_dir="runs/generator_debug",
+            sample_every=10,
+            sample_prompts=DEBUG_PROMPTS,
+            sample_steps=5,
+            sample_frames=8,
+            sample_size=(64, 64),
         ),
         sample=SamplerConfig(num_steps=10),
     )
@@ -364,6 +453,33 @@ def debug_stage3() -> GeneratorTrainConfig:
     return cfg
 
 
+def lora_debug() -> GeneratorTrainConfig:
+    """LoRA (rank 4) on a debug generator, CPU, the sample data: pass the base as `--model.init_from=<a debug run's
+    out_dir>/model`. No EMA; the run exports `<out_dir>/model/lora.safetensors`."""
+    cfg = debug()
+    cfg.lora = LoRAConfig(enabled=True, rank=4, alpha=4.0)
+    cfg.ema.enabled = False
+    cfg.train.out_dir = "runs/generator_lora_debug"
+    return cfg
+
+
+def lora_256px() -> GeneratorTrainConfig:
+    """LoRA (rank 16) on the released 11B model for HunyuanVAE latents, 256px buckets, one node: the stage-2 data
+    and condition mix, lr 1e-4.
+
+    Needs `--model.init_from=` (the release's `Open_Sora_v2.safetensors`), `--tokenizer.path=` (its
+    `hunyuan_vae.safetensors`) and `--data.meta=`. The base stays frozen in bf16 on the GPU and only the adapters reach
+    the optimizer (fp32 masters of the adapters alone under ZeRO). Steps and intervals are our choice.
+    """
+    cfg = stage2_256px_ti2v()
+    cfg.model.preset = "11b"
+    cfg.optim.lr = 1e-4
+    cfg.lora = LoRAConfig(enabled=True)
+    cfg.train.steps, cfg.train.ckpt_every, cfg.train.eval_every = 2000, 250, 250
+    cfg.train.out_dir = "runs/generator_lora_256px"
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], GeneratorTrainConfig]] = {
     "debug": debug,
     "stage1_256px_t2v": stage1_256px_t2v,
@@ -372,4 +488,6 @@ PRESETS: dict[str, Callable[[], GeneratorTrainConfig]] = {
     "debug_stage1": debug_stage1,
     "debug_stage2": debug_stage2,
     "debug_stage3": debug_stage3,
+    "lora_debug": lora_debug,
+    "lora_256px": lora_256px,
 }

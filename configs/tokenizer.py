@@ -183,7 +183,8 @@ def f32t4c128() -> TokenizerTrainConfig:
 
 def debug() -> TokenizerTrainConfig:
     """The debug model on the sample data (built into `<out_dir>/sample_data` unless `--data.meta` is given):
-    64px square 8-frame clips and images, 20 steps, adversarial phase from step 5.
+    64px square 8-frame clips and images, 20 steps, adversarial phase from step 5, held-out reconstructions to
+    `samples/` every 10 steps.
 
     LPIPS weight 0: no ImageNet VGG16 weights exist on the development machine; give
     `--loss.lpips_weight=0.5 --loss.lpips.backbone=PATH` where they do. lr 1e-3 so a few steps show progress.
@@ -202,7 +203,9 @@ def debug() -> TokenizerTrainConfig:
         loss=LossConfig(lpips_weight=0.0),
         disc=DiscConfig(start=5, filters=8),
         optim=TokenizerOptimConfig(lr=1e-3),
-        train=TokenizerLoopConfig(steps=20, log_every=1, eval_every=10, ckpt_every=10, out_dir="runs/tokenizer_debug"),
+        train=TokenizerLoopConfig(
+            steps=20, log_every=1, eval_every=10, sample_every=10, ckpt_every=10, out_dir="runs/tokenizer_debug"
+        ),
     )
 
 

@@ -12,6 +12,7 @@ RUN_CONTROL = (
     "train.steps",
     "train.log_every",
     "train.eval_every",
+    "train.sample_every",
     "train.ckpt_every",
     "train.keep_checkpoints",
     "train.resume",
@@ -29,6 +30,7 @@ class LoopConfig:
     steps: int = 100_000
     log_every: int = 10
     eval_every: int = 1000  # 0: never
+    sample_every: int = 0  # validation samples (generator) or reconstructions (tokenizer) to samples/ and tb/; 0: never
     ckpt_every: int = 1000
     keep_checkpoints: int = 0  # keep only the newest N checkpoints (0: all)
     seed: int = 42
@@ -41,7 +43,7 @@ class LoopConfig:
     def validate(self) -> None:
         if self.steps < 0:
             raise ConfigError(f"train.steps must be >= 0, got {self.steps}")
-        for name in ("log_every", "eval_every", "ckpt_every"):
+        for name in ("log_every", "eval_every", "sample_every", "ckpt_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (0: never), got {getattr(self, name)}")
         if self.device not in ("auto", "cpu", "cuda"):

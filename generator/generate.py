@@ -51,6 +51,7 @@ from cinedit.generator.inference import (
     sample_videos,
     to_latents,
 )
+from cinedit.generator.lora import load_loras
 from cinedit.generator.parallel import ContextParallel
 from cinedit.generator.pipeline import Pipeline, load_pipeline
 from cinedit.generator.release import is_release_folder, load_release
@@ -113,14 +114,15 @@ def check_shape(num_frames: int, height: int, width: int, temporal: int, multipl
         )
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a text file, one a line; blank lines and lines starting with # are skipped."""
+def read_prompts(path: str | Path, option: str = "--prompts") -> list[str]:
+    """Prompts from a text file, one a line; blank lines and lines starting with # are skipped. `option` names the
+    file in errors."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"--prompts {path}: no such file (one prompt a line)")
+        raise InputError(f"{option} {path}: no such file (one prompt a line)")
     prompts = [s for s in (line.strip() for line in path.read_text().splitlines()) if s and not s.startswith("#")]
     if not prompts:
-        raise InputError(f"--prompts {path}: no prompts (blank lines and # comments are skipped)")
+        raise InputError(f"{option} {path}: no prompts (blank lines and # comments are skipped)")
     return prompts
 
 
@@ -433,6 +435,7 @@ def run_sample(args: argparse.Namespace) -> int:
             return launch_cp(args)
         device = resolve_device(args.device)
         pipe = _load(args, preset, device)
+        load_loras(pipe.generator, args.lora)  # before the dtype cast below, which then covers the adapters too
         dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         for model in (pipe.generator, pipe.t2i_generator):
             if model is not None:
@@ -598,6 +601,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generator", metavar="PATH", help="generator folder or release file, replacing the pipeline's")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or release file, replacing the pipeline's")
     p.add_argument("--text-encoder", metavar="PRESET", help="text-encoder preset (release, minilm, debug)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="a LoRA adapter on the generator (`lora.safetensors` of a LoRA run; peft or diffusers keys) at SCALE "
+        "(default 1.0); repeatable, the adapters add up",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="generator dtype (auto: bf16 on GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -79,7 +79,7 @@ def check_frames(tok: Any, num_frames: int) -> None:
         lo = max(tc, num_frames // tc * tc)
         raise InferenceError(
             f"--num-frames {num_frames}: the tokenizer takes 1 (an image) or a multiple of {tc} "
-            f"({tc}, {2 * tc}, ..., 128); nearest: {lo} or {lo + tc}"
+            f"({tc}, {2 * tc}, {3 * tc}, ...); nearest: {lo} or {lo + tc}"
         )
 
 

@@ -5,8 +5,9 @@ takes one bucketed batch of clips or images, encodes it with the frozen tokenize
 `--data.use_cache=true`), embeds the captions with the frozen text encoder (or reads them from the cache), drops
 captions to the empty prompt, draws a visual condition per sample (t2v / i2v / inpainting) and regresses the
 rectified-flow velocity (`cinedit.generator.flow`). The run directory holds `config.json`, `metrics.jsonl`,
-TensorBoard logs in `tb/`, checkpoints in `ckpt/step-NNNNNN/` (with a `latest` pointer) and, at the end, the
-generation pipeline in `model/` (`cinedit generator sample --ckpt <out_dir>/model`, or `load_pipeline`).
+TensorBoard logs in `tb/`, checkpoints in `ckpt/step-NNNNNN/` (with a `latest` pointer), validation samples in
+`samples/step_NNNNNNN/` (every `train.sample_every` steps) and, at the end, the generation pipeline in `model/`
+(`cinedit generator sample --ckpt <out_dir>/model`, or `load_pipeline`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset
 
 from cinedit.configs import ConfigError
 from cinedit.configs.generator import (
+    DEBUG_PROMPTS,
     DEBUG_TOKENIZER,
     GENERATOR_RUN_CONTROL,
     GeneratorModelConfig,
@@ -33,7 +35,7 @@ from cinedit.data.buckets import mix_seed
 from cinedit.data.cache import read_empty_text
 from cinedit.data.dataset import CachedLatentDataset, VideoDataset
 from cinedit.data.meta import read_meta
-from cinedit.data.sample import run_meta
+from cinedit.data.sample import CLIPS, run_meta
 from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler
 from cinedit.generator.conditions import ConditionMix
 from cinedit.generator.flow import (
@@ -44,21 +46,27 @@ from cinedit.generator.flow import (
     token_count,
     velocity_target,
 )
+from cinedit.generator.generate import InputError, output_path, read_prompts
+from cinedit.generator.inference import InferenceError, Request, check_frames, sample_videos
 from cinedit.generator.loading import load_pretrained, read_config
+from cinedit.generator.lora import LORA_FILE, apply_lora, save_lora
 from cinedit.generator.math import make_ids, make_txt_ids, pack
 from cinedit.generator.model import PRESETS as MODEL_PRESETS
 from cinedit.generator.model import MMDiT, MMDiTConfig
 from cinedit.generator.parallel import ContextParallel, apply_activation_checkpointing
-from cinedit.generator.pipeline import save_pipeline
+from cinedit.generator.pipeline import Pipeline, save_pipeline
 from cinedit.generator.text import TextEncoder, load_text_encoder, text_identity
 from cinedit.runtime import cli as runtime_cli
 from cinedit.runtime.booster import Booster, build_booster
 from cinedit.runtime.checkpoint import load_training, save_training
 from cinedit.runtime.dist import DistInfo, all_gather_objects, all_reduce_sum, autocast
 from cinedit.runtime.ema import EMA
+from cinedit.runtime.files import write_text
+from cinedit.runtime.logs import MetricsLogger
 from cinedit.runtime.modelio import CONFIG_NAME
 from cinedit.runtime.rng import seed_everything
-from cinedit.runtime.training import TrainHooks, forever, run_training
+from cinedit.runtime.training import SAMPLES_DIR, TrainHooks, forever, run_training, samples_dir
+from cinedit.tokenizer.commands import write_frames
 from cinedit.tokenizer.loading import load_tokenizer, tokenizer_hash
 from cinedit.tokenizer.tiling import chunked_latents
 
@@ -91,11 +99,11 @@ def model_config(cfg: GeneratorModelConfig, latent_channels: int, txt_dim: int, 
         raise ConfigError(f"model: {e}") from None
 
 
-def build_model(cfg: GeneratorModelConfig, config: MMDiTConfig) -> MMDiT:
-    """A freshly initialised MMDiT, or one loaded from `init_from` (see `GeneratorModelConfig`), checkpointed as
-    asked."""
+def build_model(cfg: GeneratorModelConfig, config: MMDiTConfig, dtype: torch.dtype = torch.float32) -> MMDiT:
+    """A freshly initialised MMDiT, or one loaded from `init_from` (see `GeneratorModelConfig`), in `dtype`,
+    checkpointed as asked."""
     if not cfg.init_from:
-        model = MMDiT(config)
+        model = MMDiT(config).to(dtype)
     else:
         path = Path(cfg.init_from)
         if (path / "pipeline.json").is_file():
@@ -106,7 +114,7 @@ def build_model(cfg: GeneratorModelConfig, config: MMDiTConfig) -> MMDiT:
                 diff = [f.name for f in dataclasses.fields(config) if getattr(saved, f.name) != getattr(config, f.name)]
                 raise ConfigError(f"model.init_from {path} is a different architecture (differs in {', '.join(diff)})")
         try:
-            model = load_pretrained(path, config=config).float()
+            model = load_pretrained(path, config=config).to(dtype)
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"model.init_from: {e}") from None
     n = lambda v: None if v == -1 else v
@@ -209,6 +217,7 @@ class Trainer:
     loader: BucketLoader
     cp: ContextParallel | None = None  # shards each sample's sequence over the cp group (parallel.cp_size > 1)
     eval_data: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # the validation samples' (train.sample_every)
     step: int = 0
 
     @property
@@ -246,7 +255,17 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
     else:
         null_txt, null_vec = empty[0][None].float().to(info.device), empty[1][None].float().to(info.device)
     mcfg = model_config(cfg.model, tokenizer.config.latent_channels, null_txt.shape[-1], null_vec.shape[-1])
-    model = build_model(cfg.model, mcfg)
+    prompts = validation_prompts(cfg, info, tokenizer, mcfg.patch_size)  # fails before the model is built
+    if cfg.lora.enabled and not cfg.model.init_from:
+        raise ConfigError(
+            "lora.enabled=true needs the base model to adapt: --model.init_from=PIPELINE_OR_GENERATOR (a pipeline "
+            "folder, a generator folder or the release's MMDiT .safetensors file)"
+        )
+    # A LoRA run's frozen base is only read: bf16 on the GPU (never a whole fp32 copy), its adapters fp32.
+    frozen_bf16 = cfg.lora.enabled and info.device.type == "cuda" and cfg.parallel.precision == "bf16"
+    model = build_model(cfg.model, mcfg, torch.bfloat16 if frozen_bf16 else torch.float32)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)
     ema = None
     if cfg.ema.enabled:
         ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)
@@ -256,7 +275,8 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         booster = build_booster(pc, info)
     except ValueError as e:
         raise ConfigError(f"parallel: {e}") from None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters alone
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     model, optimizer = booster.boost(model, optimizer)
     layout = booster.layout
     cp = None
@@ -280,6 +300,7 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         dataset=ds,
         loader=loader,
         cp=cp,
+        prompts=prompts,
     )
 
 
@@ -405,6 +426,81 @@ def evaluate(tr: Trainer) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# validation samples
+
+DEBUG_PROMPT_CLIPS = ("bunny_wakes", "suit_cyclist")  # the sample-data captions behind `DEBUG_PROMPTS`
+PROMPTS_FILE = "prompts.txt"  # `DEBUG_PROMPTS` written into `<out_dir>/samples/`, for the record
+
+
+def validation_prompts(cfg: GeneratorTrainConfig, info: DistInfo, tokenizer: Any, patch_size: int) -> list[str]:
+    """The fixed prompts of `train.sample_every` ([] when it is 0), after checking that the tokenizer and the patch
+    size take `train.sample_frames` and `train.sample_size`."""
+    tc = cfg.train
+    if not tc.sample_every:
+        return []
+    if tc.sample_prompts == DEBUG_PROMPTS:
+        texts = {c.name: c.text for c in CLIPS}
+        prompts = [texts[name] for name in DEBUG_PROMPT_CLIPS]
+        if info.is_main:
+            write_text(Path(tc.out_dir) / SAMPLES_DIR / PROMPTS_FILE, "".join(p + "\n" for p in prompts))
+    else:
+        try:
+            prompts = read_prompts(tc.sample_prompts, "train.sample_prompts")
+        except InputError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        check_frames(tokenizer, tc.sample_frames)
+    except InferenceError as e:
+        raise ConfigError(f"train.sample_frames={tc.sample_frames} does not fit the tokenizer ({e})") from None
+    multiple = tokenizer.spatial_compression * patch_size
+    if any(side % multiple for side in tc.sample_size):
+        raise ConfigError(
+            f"train.sample_size={list(tc.sample_size)}: height and width must be multiples of {multiple} (tokenizer "
+            f"compression x patch size)"
+        )
+    return prompts
+
+
+@torch.no_grad()
+def sample_validation(tr: Trainer, logger: MetricsLogger) -> None:
+    """Text-to-video samples of the fixed prompts by the EMA (else the trained) model, each from the `sample`
+    section's seed so that rounds compare, through the one sampling path (`sample_videos`): an mp4 (PNG for one
+    frame) per prompt in `samples_dir(out_dir, step)` and a video in TensorBoard (`samples/<index>_<slug>`).
+
+    The main rank samples alone with the plain forward: every rank holds the full weights (DDP, ZeRO-1/2, and
+    context parallelism only splits activations, inside `ContextParallel.forward`); the others wait at the loop's
+    barrier. The loop restores the RNG states afterwards.
+    """
+    if not tr.info.is_main or not tr.prompts:
+        return
+    cfg, tc, dev = tr.cfg, tr.cfg.train, tr.info.device
+    if tr.text is None:  # the cache holds the training captions' embeddings; sampling needs the encoder itself
+        tr.text = load_text_encoder(cfg.text)
+    model = tr.ema.module if tr.ema is not None else tr.module
+    sampler = dataclasses.replace(cfg.sample, num_steps=tc.sample_steps or cfg.sample.num_steps)
+    pipe = Pipeline(
+        generator=model, tokenizer=tr.tokenizer, text_encoder=tr.text, text_config=cfg.text, sampler=sampler, fps=tc.fps
+    )
+
+    def velocity(*args: Any, **kwargs: Any) -> torch.Tensor:
+        with autocast(dev, cfg.parallel.precision):  # as in training and `evaluate`
+            return model(*args, **kwargs).float()
+
+    was_training = model.training
+    model.eval()
+    out = samples_dir(tc.out_dir, tr.step)
+    try:
+        for i, prompt in enumerate(tr.prompts):
+            req = Request([prompt], tc.sample_frames, tuple(tc.sample_size), sampler)
+            _, video = sample_videos(pipe, req, velocity=velocity)
+            video = video[0].clamp(-1, 1)  # (3, T, H, W)
+            path = write_frames(output_path(out, i, prompt, tc.sample_frames), video, tc.fps)
+            logger.video(f"samples/{path.stem}", (video.transpose(0, 1) + 1) / 2, tr.step, tc.fps)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # checkpoints and the pipeline folder
 
 
@@ -429,7 +525,11 @@ def load(tr: Trainer, path: Path) -> None:
 
 def export(tr: Trainer, out_dir: Path) -> Path:
     """The pipeline folder `cinedit generator sample --ckpt` reads: the generator (EMA if enabled), the tokenizer,
-    the text-encoder config, the sampler settings and the frame rate."""
+    the text-encoder config, the sampler settings and the frame rate. A LoRA run writes its adapter instead:
+    `lora.safetensors` + `adapter_config.json` (`cinedit generator sample --lora`, `merge-lora`)."""
+    if tr.cfg.lora.enabled:
+        save_lora(tr.module, out_dir / LORA_FILE, base=tr.cfg.model.init_from)
+        return out_dir
     generator = tr.ema.module if tr.ema is not None else tr.module
     return save_pipeline(out_dir, generator, tr.tokenizer, tr.cfg.text, tr.cfg.sample, tr.cfg.train.fps)
 
@@ -454,6 +554,7 @@ HOOKS = TrainHooks(
     save=lambda tr, run_dir: save(tr, run_dir),
     load=lambda tr, path: load(tr, path),
     export=lambda tr, out_dir: export(tr, out_dir),
+    sample=lambda tr, logger: sample_validation(tr, logger),
 )
 
 
@@ -488,8 +589,10 @@ __all__ = [
     "load",
     "main",
     "model_config",
+    "sample_validation",
     "save",
     "train_step",
+    "validation_prompts",
 ]
 
 

@@ -5,7 +5,8 @@ Phase 1 is L1 + LPIPS reconstruction; from `disc.start` on, a 3D PatchGAN adds a
 loss (`cinedit.tokenizer.losses`). Each step trains on one bucketed batch of clips or of images (a share
 `train.image_share` of the steps, or of the ranks when there are several). The run directory holds
 `config.json`, `metrics.jsonl`, TensorBoard logs in `tb/`, checkpoints in `ckpt/step-NNNNNN/` (with a
-`latest` pointer) and, at the end, the EMA model in `model/` (`load_pretrained` reads it).
+`latest` pointer), held-out reconstructions in `samples/step_NNNNNNN/` (every `train.sample_every` steps) and, at
+the end, the EMA model in `model/` (`load_pretrained` reads it).
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ from cinedit.runtime.booster import Booster, build_booster
 from cinedit.runtime.checkpoint import load_training, save_training
 from cinedit.runtime.dist import DistInfo, all_gather_objects, all_reduce_sum, autocast
 from cinedit.runtime.ema import EMA
+from cinedit.runtime.logs import MetricsLogger
 from cinedit.runtime.modelio import CONFIG_NAME, WEIGHTS_NAME
 from cinedit.runtime.rng import seed_everything
-from cinedit.runtime.training import TrainHooks, forever, run_training
+from cinedit.runtime.training import TrainHooks, forever, run_training, samples_dir
+from cinedit.tokenizer.commands import write_frames
 from cinedit.tokenizer.loading import init_from_image_dcae, load_pretrained, save_pretrained
 from cinedit.tokenizer.losses import (
     ReconstructionLoss,
@@ -58,6 +61,8 @@ from cinedit.tokenizer.model import PRESETS as MODEL_PRESETS
 from cinedit.tokenizer.model import VideoDCAE
 
 KIND = "tokenizer"
+SAMPLE_CLIPS = 2  # held-out clips reconstructed every `train.sample_every` steps
+SAMPLE_FPS = 24.0  # clips are read at about 24 fps (`frame_stride`)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -370,6 +375,23 @@ def evaluate_and_preview(tr: Trainer) -> dict[str, Any]:
     return metrics
 
 
+@torch.no_grad()
+def sample_reconstructions(tr: Trainer, logger: MetricsLogger) -> None:
+    """EMA reconstructions of the main rank's first `SAMPLE_CLIPS` held-out clips (the same clips all run), each
+    beside its clip: `samples_dir(out_dir, step)/<index>_heldout.mp4` and a TensorBoard video `samples/<index>_heldout`.
+    The other ranks wait at the loop's barrier (every rank holds the full EMA model)."""
+    if not tr.info.is_main:
+        return
+    model, dev = tr.ema.module, tr.info.device
+    out = samples_dir(tr.cfg.train.out_dir, tr.step)
+    for i, x in enumerate(tr.data.heldout[:SAMPLE_CLIPS]):
+        with autocast(dev, tr.cfg.parallel.precision):
+            rec = model(x[None].to(dev))
+        pair = torch.cat([x, rec[0].float().cpu().clamp(-1, 1)], dim=-1)  # (3, T, H, 2W): clip | reconstruction
+        path = write_frames(out / f"{i:04d}_heldout.mp4", pair, SAMPLE_FPS)
+        logger.video(f"samples/{path.stem}", (pair.transpose(0, 1) + 1) / 2, tr.step, SAMPLE_FPS)
+
+
 def export(tr: Trainer, out_dir: Path) -> None:
     save_pretrained(tr.ema.module, out_dir)
 
@@ -385,6 +407,7 @@ HOOKS = TrainHooks(
     save=lambda tr, run_dir: save(tr, run_dir),
     load=lambda tr, path: load(tr, path),
     export=export,
+    sample=lambda tr, logger: sample_reconstructions(tr, logger),
     loss_key="loss/total",
 )
 
@@ -413,6 +436,7 @@ __all__ = [
     "evaluate",
     "fit",
     "main",
+    "sample_reconstructions",
     "split_meta",
     "train_step",
 ]

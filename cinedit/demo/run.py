@@ -216,6 +216,8 @@ def run_args(run: Run, steps: int, out_dir: Path) -> list[str]:
         f"--train.steps={steps}",
         f"--train.eval_every={every(steps, 10)}",
         f"--train.ckpt_every={every(steps, 8)}",
+        # Validation samples / reconstructions 3 times a run (the debug presets' every 10 steps would cost minutes).
+        f"--train.sample_every={every(steps, 3)}",
         "--train.keep_checkpoints=2",
         f"--train.device={run.plan.device}",
         f"--train.out_dir={out_dir}",

@@ -112,10 +112,18 @@ class _BoosterBase:
     def _backward(self, loss: Tensor, optimizer: Any) -> None:
         loss.backward()
 
+    def _frozen(self, model: nn.Module) -> set[str]:
+        return {name for name, p in self.unwrap(model).named_parameters() if not p.requires_grad}
+
     def save_model(self, model: nn.Module, path: Path) -> None:
-        """Write this rank's share of the model state (every rank holds the whole working weights, ZeRO too)."""
+        """Write this rank's share of the model state (every rank holds the whole working weights, ZeRO too).
+
+        Frozen parameters (a LoRA run's base) are left out: training never changes them, and a resumed run builds
+        them again from where the run started (its `model.init_from`).
+        """
         world, rank = world_rank()
-        state = self.unwrap(model).state_dict()
+        frozen = self._frozen(model)
+        state = {k: v for k, v in self.unwrap(model).state_dict().items() if k not in frozen}
         owners = shard_owners({k: v.numel() for k, v in state.items()}, world)
         mine = {k: v.detach().contiguous().cpu() for k, v in state.items() if owners[k] == rank}
         save_file(mine, str(Path(path) / shard_name("model", rank, world)))
@@ -125,7 +133,13 @@ class _BoosterBase:
     def load_model(self, model: nn.Module, path: Path) -> None:
         files = sorted(set(read_index(path, "model")["weight_map"].values()))
         state = {k: v for f in files for k, v in load_file(str(Path(path) / f)).items()}
-        self.unwrap(model).load_state_dict(state)
+        missing, unexpected = self.unwrap(model).load_state_dict(state, strict=False)
+        missing = sorted(set(missing) - self._frozen(model))
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{path}: the checkpoint's model does not match: missing {missing[:3]} ({len(missing)}), unexpected "
+                f"{unexpected[:3]} ({len(unexpected)})"
+            )
         # ZeRO: fp32 masters from the loaded working weights; `load_optimizer` replaces them by the saved ones.
         update = getattr(model, "update_master_params", None)
         if update is not None:

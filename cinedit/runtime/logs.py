@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from cinedit.runtime.files import json_ready, write_text
@@ -17,7 +19,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    """Scalars to `<run_dir>/metrics.jsonl` (always) and TensorBoard (when installed); images to TensorBoard.
+    """Scalars to `<run_dir>/metrics.jsonl` (always) and TensorBoard (when installed); images and videos to
+    TensorBoard.
 
     Only the main rank writes. `truncate_after(step)` drops rows past a resumed checkpoint's step, so a run
     killed after its last checkpoint and resumed leaves one row per step.
@@ -59,6 +62,26 @@ class MetricsLogger:
         """A (3, H, W) image in [0, 1]."""
         if self.enabled and self.writer is not None:
             self.writer.add_image(tag, img.clamp(0, 1).cpu(), step)
+
+    def video(self, tag: str, video: torch.Tensor, step: int, fps: float) -> None:
+        """A (T, 3, H, W) video in [0, 1], as the animated GIF `SummaryWriter.add_video` writes (TensorBoard's
+        Images tab plays it); one frame is logged as an image."""
+        if not (self.enabled and self.writer is not None):
+            return
+        if video.shape[0] == 1:
+            self.image(tag, video[0], step)
+            return
+        # add_video needs moviepy < 2 (2.x has no `moviepy.editor`) and logs nothing without it; PIL writes the
+        # same GIF into the same Summary.Image record.
+        from tensorboard.compat.proto.summary_pb2 import Summary  # present whenever the SummaryWriter is
+
+        frames = video.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = [Image.fromarray(f) for f in frames]
+        buf = io.BytesIO()
+        images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+        h, w = frames.shape[1:3]
+        img = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue())
+        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=img)]), step)
 
     def close(self) -> None:
         if self.writer is not None:

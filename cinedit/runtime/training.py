@@ -22,6 +22,7 @@ from cinedit.runtime.checkpoint import CKPT_DIR, STATE_FILE, checkpoint_problem,
 from cinedit.runtime.dist import DistInfo, all_gather_objects, barrier, init_distributed
 from cinedit.runtime.files import save_config
 from cinedit.runtime.logs import METRICS_FILE, MetricsLogger, progress_bar
+from cinedit.runtime.rng import rng_state, set_rng_state
 
 
 def forever(loader: Any) -> Iterator[Any]:
@@ -44,7 +45,8 @@ def forever(loader: Any) -> Iterator[Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # run directories and the train command (shared by the tokenizer and generator trainers)
 
-RUN_PRODUCTS = ("config.json", METRICS_FILE, CKPT_DIR, "tb", "model")
+SAMPLES_DIR = "samples"  # validation samples, `<out_dir>/samples/step_NNNNNNN/` (`train.sample_every`)
+RUN_PRODUCTS = ("config.json", METRICS_FILE, CKPT_DIR, "tb", "model", SAMPLES_DIR)
 SAMPLE_DATA = "sample_data"  # where presets without a meta build the sample dataset, inside out_dir
 LOCK_FILE = "run.lock"  # held while a run trains (pid, host): a second run on the same out_dir is refused
 
@@ -126,6 +128,14 @@ class TrainHooks:
     load: Callable[[Any, Path], None]  # (tr, checkpoint folder)
     export: Callable[[Any, Path], None]  # (tr, out_dir / "model"), main rank only, after the last step
     loss_key: str = "loss"  # the scalar the progress bar shows
+    # (tr, logger): validation samples every `train.sample_every` steps; called on every rank, the main rank writes
+    # them under `samples_dir(out_dir, step)` and to the logger.
+    sample: Callable[[Any, MetricsLogger], None] | None = None
+
+
+def samples_dir(out_dir: str | os.PathLike, step: int) -> Path:
+    """Where the validation samples of `step` go."""
+    return Path(out_dir) / SAMPLES_DIR / f"step_{step:07d}"
 
 
 def _take_lock(out: Path) -> str | None:
@@ -233,6 +243,15 @@ def _run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None, info: Di
             if isinstance(img, torch.Tensor):
                 logger.image(tag, img, tr.step)
 
+    def run_samples() -> None:
+        # Sampling must not draw from the training RNG streams: a run gives the same losses with it on or off.
+        state = rng_state()
+        try:
+            hooks.sample(tr, logger)
+        finally:
+            set_rng_state(state)
+        barrier()  # the other ranks wait while the main rank samples
+
     if tr.step == 0 and tc.eval_every:
         run_eval()
     next_batch = hooks.batches(tr)
@@ -252,6 +271,8 @@ def _run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None, info: Di
                 bar.set_postfix(loss=f"{scalars[hooks.loss_key]:.4f}")
             if tc.eval_every and step % tc.eval_every == 0:
                 run_eval()
+            if hooks.sample is not None and tc.sample_every and step % tc.sample_every == 0:
+                run_samples()
             if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
                 hooks.save(tr, out)
     finally:
