@@ -303,6 +303,64 @@ class LoRAConfig:
             raise ConfigError("lora.enabled=true with no target layers: set lora.double_targets / single_targets")
 
 
+# Control-video kinds (`cinedit data control --kind`; a test keeps these in step with `cinedit.data.control.KINDS`).
+CONTROL_KINDS = ("edges", "flow", "grey", "scribble", "mask", "depth", "pose")
+
+
+@dataclass
+class ControlConfig:
+    """A VACE-style control adapter on a frozen base (`cinedit.generator.control`): only the adapter trains,
+    checkpoints and exports (`<out_dir>/model/control_adapter/`).
+
+    Each training clip's control video is read from the meta's `control_<kind>` column (`cinedit data control META
+    --kind KIND --out DIR` writes it) with the clip's frame indices, crop and resize, and encoded by the frozen
+    tokenizer. The adapter's hint projections start at zero, so training starts from the base model.
+    """
+
+    enabled: bool = False
+    kind: str = "edges"  # one kind, or several comma-separated ("edges,flow"): their latents are concatenated
+    num_blocks: int = 2  # context blocks (copies of the base's first double blocks when init_from_backbone)
+    hint_blocks: list[int] | None = None  # base double blocks receiving the hints; None: 0..num_blocks-1
+    reference: bool = False  # also embed a reference latent frame (training: the clip's first latent frame)
+    scale: float = 1.0  # hint strength in training (sampling: `--control-scale`)
+    column: str = ""  # meta column(s), comma-separated like `kind`; "": control_<kind>
+    init_from_backbone: bool = True
+    # Held-out clips for the evaluation (a meta with the same control column(s)): the flow loss with the control and
+    # with the control latents zeroed (`eval/loss_control`, `eval/loss_zero_control`); "": the training data's.
+    eval_meta: str = ""
+
+    def kinds(self) -> list[str]:
+        return [k.strip() for k in self.kind.split(",") if k.strip()]
+
+    def columns(self) -> list[str]:
+        if not self.column:
+            return [f"control_{k}" for k in self.kinds()]
+        return [c.strip() for c in self.column.split(",")]
+
+    def validate(self) -> None:
+        kinds = self.kinds()
+        unknown = [k for k in kinds if k not in CONTROL_KINDS]
+        if not kinds or unknown or len(set(kinds)) != len(kinds):
+            raise ConfigError(
+                f"control.kind must name one or more of {list(CONTROL_KINDS)} once each (comma-separated), got "
+                f"{self.kind!r}"
+            )
+        if len(self.columns()) != len(kinds) or not all(self.columns()):
+            raise ConfigError(
+                f"control.column {self.column!r} must name one meta column per kind {kinds} (comma-separated), or "
+                f"be empty for control_<kind>"
+            )
+        if self.num_blocks < 1:
+            raise ConfigError(f"control.num_blocks must be >= 1, got {self.num_blocks}")
+        if self.hint_blocks is not None and len(self.hint_blocks) != self.num_blocks:
+            raise ConfigError(
+                f"control.hint_blocks {self.hint_blocks} must name one base double block per context block "
+                f"({self.num_blocks}), or be null for 0..{self.num_blocks - 1}"
+            )
+        if not self.scale >= 0:
+            raise ConfigError(f"control.scale must be >= 0, got {self.scale}")
+
+
 @dataclass
 class GeneratorTrainConfig:
     """An MMDiT training run."""
@@ -319,6 +377,7 @@ class GeneratorTrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     sample: SamplerConfig = field(default_factory=SamplerConfig)  # written into the pipeline for sampling
     lora: LoRAConfig = field(default_factory=LoRAConfig)  # enabled: train adapters on the frozen model.init_from
+    control: ControlConfig = field(default_factory=ControlConfig)  # enabled: train a control adapter on the base
 
     def validate(self) -> None:
         # The trainer asks for `model.init_from` (the base) when it builds the model, as for `tokenizer.path`.
@@ -326,6 +385,20 @@ class GeneratorTrainConfig:
             raise ConfigError(
                 "lora.enabled=true keeps no EMA (the adapters are exported as trained): pass --ema.enabled=false"
             )
+        if self.control.enabled:
+            if self.ema.enabled:
+                raise ConfigError(
+                    "control.enabled=true keeps no EMA (the adapter is exported as trained): pass --ema.enabled=false"
+                )
+            if self.lora.enabled:
+                raise ConfigError("control.enabled=true and lora.enabled=true: train one adapter kind at a time")
+            if self.data.use_cache:
+                raise ConfigError(
+                    "control.enabled=true reads each clip's control video with the clip: cached latents hold no "
+                    "control latents, pass --data.use_cache=false and --data.meta=META_WITH_CONTROL_COLUMNS"
+                )
+            if self.parallel.cp_size > 1:
+                raise ConfigError("control.enabled=true does not shard the control tokens: pass --parallel.cp_size=1")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -480,6 +553,39 @@ def lora_256px() -> GeneratorTrainConfig:
     return cfg
 
 
+def finetune_control_debug() -> GeneratorTrainConfig:
+    """An edges control adapter (2 context blocks) on a debug generator, CPU, the sample data: pass the base as
+    `--model.init_from=<a debug run's out_dir>/model` and a meta with a `control_edges` column (`cinedit data control
+    META --kind edges --out DIR` writes `DIR/META_STEM.csv`) as `--data.meta=`. Text-to-video, no EMA, no validation
+    samples; exports `<out_dir>/model/control_adapter/`."""
+    cfg = debug()
+    cfg.control = ControlConfig(enabled=True, kind="edges", num_blocks=2)
+    cfg.flow = FlowConfig(conditions={"t2v": 1.0})
+    cfg.ema.enabled = False
+    cfg.train.sample_every = 0
+    cfg.train.out_dir = "runs/generator_finetune_control_debug"
+    return cfg
+
+
+def finetune_control_256px() -> GeneratorTrainConfig:
+    """An edges control adapter on the released 11B model for HunyuanVAE latents, 256px buckets, one node:
+    8 context blocks (copies of the base's first 8 double blocks) whose hints go to every 2nd of the first 16 of its
+    19 double blocks (VACE's every-k-th layer), text-to-video, lr 1e-4.
+
+    Needs `--model.init_from=` (the release's `Open_Sora_v2.safetensors`), `--tokenizer.path=` (its
+    `hunyuan_vae.safetensors`) and `--data.meta=` with a `control_edges` column. The base stays frozen in bf16 on the
+    GPU; only the adapter reaches the optimizer. Steps and intervals are our choice.
+    """
+    cfg = stage2_256px_ti2v()
+    cfg.model.preset = "11b"
+    cfg.flow = FlowConfig(conditions={"t2v": 1.0})
+    cfg.optim.lr = 1e-4
+    cfg.control = ControlConfig(enabled=True, kind="edges", num_blocks=8, hint_blocks=[0, 2, 4, 6, 8, 10, 12, 14])
+    cfg.train.steps, cfg.train.ckpt_every, cfg.train.eval_every = 2000, 250, 250
+    cfg.train.out_dir = "runs/generator_finetune_control_256px"
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], GeneratorTrainConfig]] = {
     "debug": debug,
     "stage1_256px_t2v": stage1_256px_t2v,
@@ -490,4 +596,6 @@ PRESETS: dict[str, Callable[[], GeneratorTrainConfig]] = {
     "debug_stage3": debug_stage3,
     "lora_debug": lora_debug,
     "lora_256px": lora_256px,
+    "finetune_control_debug": finetune_control_debug,
+    "finetune_control_256px": finetune_control_256px,
 }

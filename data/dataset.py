@@ -47,10 +47,18 @@ class VideoDataset(Dataset):
 
     The caption is the row's `text`, with the motion-score suffix when `config.motion_score_suffix` is on
     (`cinedit.data.captions.training_caption`).
+
+    `controls` names meta columns of control videos (`cinedit data control`, `control_<kind>`): each is read with the
+    clip's temporal indices (the same seeded start, stride and frame count), resize-to-fill and centre crop, and
+    stacked as `control` (K, C, T, H, W). A control video must have its clip's frame count and aspect ratio.
     """
 
     def __init__(
-        self, meta: pd.DataFrame | str | os.PathLike, config: DataConfig | None = None, replace_bad: bool = False
+        self,
+        meta: pd.DataFrame | str | os.PathLike,
+        config: DataConfig | None = None,
+        replace_bad: bool = False,
+        controls: Sequence[str] = (),
     ):
         self.meta = read_meta(meta) if isinstance(meta, (str, os.PathLike)) else meta.reset_index(drop=True)
         self.config = config or DataConfig()
@@ -58,6 +66,16 @@ class VideoDataset(Dataset):
         if self.config.motion_score_suffix:
             source = str(meta) if isinstance(meta, (str, os.PathLike)) else self.config.meta or "the meta table"
             check_motion_scores(self.meta.columns, source)
+        self.controls = list(controls)
+        missing = [c for c in self.controls if c not in self.meta.columns]
+        if missing:
+            source = str(meta) if isinstance(meta, (str, os.PathLike)) else self.config.meta or "META"
+            kinds = [c.removeprefix("control_") for c in missing]
+            raise ConfigError(
+                f"{source} has no column {', '.join(missing)} (control videos): make them with "
+                + " and ".join(f"`cinedit data control {source} --kind {k} --out DIR`" for k in kinds)
+                + " and train on DIR's meta file"
+            )
         # Training (replace_bad): an unreadable sample is reported and replaced (`_candidates`), so a step keeps its
         # shape; elsewhere (caching, evaluation) it raises MediaError for the caller to report and skip.
         self.replace_bad = replace_bad
@@ -93,7 +111,11 @@ class VideoDataset(Dataset):
             rng=np.random.default_rng(seed),
             total_frames=int(row["num_frames"]) or None,
         )
+        extra = {}
+        if self.controls:
+            extra["control"] = torch.stack([self._read_control(row, c, t, h, w, seed, stride) for c in self.controls])
         return {
+            **extra,
             "video": video,  # (C, T, H, W) in [-1, 1]
             "text": training_caption(str(row["text"]), row, self.config.motion_score_suffix),
             "fps": fps / stride,
@@ -103,6 +125,26 @@ class VideoDataset(Dataset):
             "index": index,
             "path": str(row["path"]),
         }
+
+    def _read_control(
+        self, row: pd.Series, column: str, t: int, h: int, w: int, seed: int, stride: int
+    ) -> torch.Tensor:
+        """The row's control video in `column`, at the clip's frames: the same seeded start (from the row's frame
+        count), stride, size and crop as `_read`."""
+        path = row[column]
+        if not isinstance(path, str) or not path:
+            raise MediaError(f"{row['path']}: no control video in column {column!r}")
+        control = read_video(
+            path,
+            num_frames=t,
+            stride=stride,
+            size=(h, w),
+            rng=np.random.default_rng(seed),
+            total_frames=int(row["num_frames"]) or None,
+        )
+        if control.shape[1] != t:
+            raise MediaError(f"{path}: control has {control.shape[1]} frame(s), the clip {t}")
+        return control
 
     def _candidates(self, index: int, t: int):
         """`index`, then (when it is unreadable) the next samples, in order and wrapping, that can fill a `t`-frame

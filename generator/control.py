@@ -241,6 +241,14 @@ class ControlledMMDiT(nn.Module):
             return self.model(*args, **kwargs)
 
 
+def unused_parameters(adapter: ControlAdapter) -> list[str]:
+    """Names of the adapter parameters no output depends on, which never get a gradient: the last context block's
+    text-stream output layers (`txt_attn.proj`, `txt_mlp`), since its text stream feeds nothing. A trainer sets
+    `requires_grad=False` on them so the optimizer and the checkpoints only see parameters that train."""
+    last = f"blocks.{len(adapter.blocks) - 1}."
+    return [n for n, _ in adapter.named_parameters() if n.startswith((last + "txt_attn.proj.", last + "txt_mlp."))]
+
+
 def freeze_backbone(model: MMDiT) -> MMDiT:
     """Stop gradients to every backbone parameter (the adapter's are then the only trainable ones)."""
     model.requires_grad_(False)

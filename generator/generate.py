@@ -9,6 +9,11 @@ place in the file and the same seed always gives the same output.
   `--size H W` sets it. `--num-frames` is 1 (an image) or a multiple of the tokenizer's temporal compression (4).
 - Image-to-video: `--ref IMAGE` is resized to fill the output and centre-cropped, encoded as one latent frame and
   given as the first (`i2v_head`), last (`i2v_tail`) or both (`i2v_loop`) latent frames; they are kept as given.
+- Control: `--control VIDEO --control-kind KIND` (repeatable, one per kind of the adapter) with `--control-adapter DIR`
+  (a control run's `model/control_adapter`; default `<ckpt>/control_adapter` when it exists): the control video's
+  first `--num-frames` frames (at `--stride`), resized to fill the output and centre-cropped, are encoded by the
+  pipeline's tokenizer and steer every step through the adapter's hints, `--control-scale` strong. An adapter
+  trained with a reference takes `--ref IMAGE` as its reference frame too.
 - Inpainting: `--ref-video VIDEO` (its first `--num-frames` frames, resized to fill and centre-cropped) and `--mask`,
   one of: an image (white = regenerate) applied to every frame; a video of per-frame masks (its first frames); or
   `frames:A-B[,C-D...]`, the (0-based, inclusive) frames to regenerate. A latent pixel is regenerated when any pixel
@@ -33,12 +38,13 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cinedit.configs.generator import SamplerConfig
+from cinedit.configs.generator import CONTROL_KINDS, SamplerConfig
 from cinedit.configs.inference import INFERENCE_PRESETS, InferencePreset
 from cinedit.data.buckets import ASPECT_RATIOS, aspect_sizes
 from cinedit.data.captions import release_prompt, with_motion_score
 from cinedit.data.video import MediaError, is_image, read_image, read_reference, read_video
 from cinedit.generator.conditions import Condition, build_condition, i2v_condition, reference_latent
+from cinedit.generator.control import ControlAdapter, load_adapter, with_control
 from cinedit.generator.inference import (
     COND_TYPES,
     V2V_TYPES,
@@ -52,6 +58,7 @@ from cinedit.generator.inference import (
     to_latents,
 )
 from cinedit.generator.lora import load_loras
+from cinedit.generator.math import pack
 from cinedit.generator.parallel import ContextParallel
 from cinedit.generator.pipeline import Pipeline, load_pipeline
 from cinedit.generator.release import is_release_folder, load_release
@@ -325,6 +332,18 @@ def _check_args(args: argparse.Namespace) -> list[str]:
         raise InputError("--overwrite and --skip-existing contradict each other; pick one")
     if args.cp < 1:
         raise InputError(f"--cp must be at least 1, got {args.cp}")
+    controls, kinds = args.control or [], args.control_kind or []
+    if len(controls) != len(kinds):
+        raise InputError(
+            f"{len(controls)} --control video(s) and {len(kinds)} --control-kind(s): give each control video its kind"
+        )
+    if args.control_adapter and not controls:
+        raise InputError("--control-adapter needs --control VIDEO --control-kind KIND")
+    for path in controls:
+        if not Path(path).is_file():
+            raise InputError(f"--control {path}: no such file")
+    if controls and args.cp > 1:
+        raise InputError("--control does not shard the control tokens over processes: leave out --cp")
     return read_prompts(args.prompts) if args.prompts else [args.prompt]
 
 
@@ -415,6 +434,70 @@ def _request(args, pipe: Pipeline, preset, prompt: str, size, num_frames: int, c
     return req
 
 
+def control_adapter_path(args: argparse.Namespace) -> Path:
+    """--control-adapter, else `<ckpt>/control_adapter` when that folder exists."""
+    if args.control_adapter:
+        return Path(args.control_adapter)
+    default = Path(args.ckpt) / "control_adapter" if args.ckpt else None
+    if default is None or not default.is_dir():
+        raise InputError(
+            "--control needs the control adapter: --control-adapter DIR (a control run's <out_dir>/model/"
+            "control_adapter)" + (f"; {default} does not exist" if default is not None else "")
+        )
+    return default
+
+
+def control_tokens(
+    pipe: Pipeline, adapter: ControlAdapter, videos: dict[str, str], num_frames: int, size, stride: int | None = None
+) -> Tensor:
+    """Packed control tokens (1, l_img, channels * kinds) for the output shape: each kind's video (`videos`: kind ->
+    file) read at the output frames and size, encoded by the pipeline's tokenizer and packed like `img`, in the
+    adapter's kind order."""
+    want = adapter.config.kinds
+    if sorted(videos) != sorted(want):
+        raise InputError(f"the control adapter takes the kinds {want}; --control-kind gave {sorted(videos)}")
+    tokens = []
+    for kind in want:
+        path = videos[kind]
+        if is_image(path):
+            video = read_image(path, size)
+        else:
+            video = read_video(path, num_frames=num_frames, stride=stride, size=size, start=0)
+        if video.shape[1] != num_frames:
+            raise InputError(f"--control {path}: {video.shape[1]} frame(s), the output has {num_frames}")
+        tokens.append(pack(encode(pipe, video[None]).float(), pipe.generator.config.patch_size))
+    return torch.cat(tokens, dim=-1)
+
+
+def controlled_velocity(pipe: Pipeline, adapter: ControlAdapter, control: Tensor, reference, scale: float):
+    """The generator's forward with the adapter's hints (`with_control`), for `sample_videos(velocity=)`."""
+    model = pipe.generator
+
+    def velocity(*args, **kwargs):
+        p = next(model.parameters())
+        adapter.to(p.device)  # follows the generator (--offload moves it for sampling)
+        ref = None if reference is None else reference.to(p.device, p.dtype)
+        with with_control(model, adapter, control.to(p.device, p.dtype), ref, scale):
+            return model(*args, **kwargs)
+
+    return velocity
+
+
+def _control(args: argparse.Namespace, pipe: Pipeline, num_frames: int, size) -> Any:
+    """The velocity callable of `--control` (None without it); loads the adapter onto the generator."""
+    if not args.control:
+        return None
+    adapter = load_adapter(control_adapter_path(args), pipe.generator)
+    control = control_tokens(pipe, adapter, dict(zip(args.control_kind, args.control)), num_frames, size,
+                             args.stride or None)  # fmt: skip
+    reference = None
+    if adapter.config.reference:
+        if not args.ref or not is_image(args.ref):
+            raise InputError("this control adapter was trained with a reference frame: pass it as --ref IMAGE")
+        reference = pack(encode(pipe, read_reference(args.ref, size)[None]).float(), pipe.generator.config.patch_size)
+    return controlled_velocity(pipe, adapter, control, reference, args.control_scale)
+
+
 def run_sample(args: argparse.Namespace) -> int:
     """The `sample` subcommand; returns the exit code."""
     try:
@@ -445,9 +528,10 @@ def run_sample(args: argparse.Namespace) -> int:
         cfg = _sampler(args, pipe)
         offload = Offload(device, enabled=args.offload)
         requests = [_request(args, pipe, preset, p, size, num_frames, cfg) for p, _ in todo]
+        control = _control(args, pipe, num_frames, size)
     except (InputError, InferenceError, MediaError, FileNotFoundError, ValueError) as e:
         return _fail(e)
-    cp = context_parallel_velocity(pipe.generator)
+    cp = control or context_parallel_velocity(pipe.generator)
     for (_, path), req in tqdm(list(zip(todo, requests)), desc="prompts", unit="video",
                                     disable=args.quiet or len(todo) == 1):  # fmt: skip
         try:
@@ -608,6 +692,20 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         help="a LoRA adapter on the generator (`lora.safetensors` of a LoRA run; peft or diffusers keys) at SCALE "
         "(default 1.0); repeatable, the adapters add up",
     )
+    p.add_argument(
+        "--control",
+        action="append",
+        metavar="VIDEO",
+        help="a control video (`cinedit data control`) steering the output through --control-adapter; repeatable, "
+        "one per --control-kind",
+    )
+    p.add_argument("--control-kind", action="append", choices=CONTROL_KINDS, help="the kind of each --control video")
+    p.add_argument(
+        "--control-adapter",
+        metavar="DIR",
+        help="a control run's adapter folder (<out_dir>/model/control_adapter); default <ckpt>/control_adapter",
+    )
+    p.add_argument("--control-scale", type=float, default=1.0, help="hint strength (default 1.0; 0: no control)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="generator dtype (auto: bf16 on GPU)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -38,6 +38,14 @@ from cinedit.data.meta import read_meta
 from cinedit.data.sample import CLIPS, run_meta
 from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler
 from cinedit.generator.conditions import ConditionMix
+from cinedit.generator.control import (
+    ControlAdapter,
+    ControlAdapterConfig,
+    ControlledMMDiT,
+    freeze_backbone,
+    save_adapter,
+    unused_parameters,
+)
 from cinedit.generator.flow import (
     caption_dropout,
     flow_loss,
@@ -72,6 +80,7 @@ from cinedit.tokenizer.tiling import chunked_latents
 
 KIND = "generator"
 EVAL_TIMESTEPS = (0.25, 0.5, 0.75)
+CONTROL_ADAPTER_DIR = "control_adapter"  # a control run's export inside `<out_dir>/model/`
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -183,8 +192,10 @@ def build_dataset(cfg: GeneratorTrainConfig, info: DistInfo, tokenizer: Any) -> 
             raise ConfigError(f"data.cache_dir: {e}") from None
         check_cache(ds, cfg, tokenizer)
         return ds
-    meta = read_meta(run_meta(dcfg.meta, cfg.train.out_dir, cfg.train.progress))
-    return VideoDataset(meta, dcfg, replace_bad=True)  # a file gone bad since indexing must not end the run
+    source = run_meta(dcfg.meta, cfg.train.out_dir, cfg.train.progress)
+    controls = cfg.control.columns() if cfg.control.enabled else ()
+    # A file gone bad since indexing must not end the run.
+    return VideoDataset(read_meta(source) if not controls else source, dcfg, replace_bad=True, controls=controls)
 
 
 def build_loader(ds: Dataset, cfg: GeneratorTrainConfig, rank: int, size: int, seed: int) -> BucketLoader:
@@ -217,6 +228,7 @@ class Trainer:
     loader: BucketLoader
     cp: ContextParallel | None = None  # shards each sample's sequence over the cp group (parallel.cp_size > 1)
     eval_data: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    eval_control: list[torch.Tensor] = field(default_factory=list)  # control.enabled: eval_data's control tokens
     prompts: list[str] = field(default_factory=list)  # the validation samples' (train.sample_every)
     step: int = 0
 
@@ -256,16 +268,20 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         null_txt, null_vec = empty[0][None].float().to(info.device), empty[1][None].float().to(info.device)
     mcfg = model_config(cfg.model, tokenizer.config.latent_channels, null_txt.shape[-1], null_vec.shape[-1])
     prompts = validation_prompts(cfg, info, tokenizer, mcfg.patch_size)  # fails before the model is built
-    if cfg.lora.enabled and not cfg.model.init_from:
-        raise ConfigError(
-            "lora.enabled=true needs the base model to adapt: --model.init_from=PIPELINE_OR_GENERATOR (a pipeline "
-            "folder, a generator folder or the release's MMDiT .safetensors file)"
-        )
-    # A LoRA run's frozen base is only read: bf16 on the GPU (never a whole fp32 copy), its adapters fp32.
-    frozen_bf16 = cfg.lora.enabled and info.device.type == "cuda" and cfg.parallel.precision == "bf16"
+    for name, on in (("lora", cfg.lora.enabled), ("control", cfg.control.enabled)):
+        if on and not cfg.model.init_from:
+            raise ConfigError(
+                f"{name}.enabled=true needs the base model to adapt: --model.init_from=PIPELINE_OR_GENERATOR (a "
+                f"pipeline folder, a generator folder or the release's MMDiT .safetensors file)"
+            )
+    # An adapter run's frozen base is only read: bf16 on the GPU (never a whole fp32 copy), its adapters fp32.
+    adapted = cfg.lora.enabled or cfg.control.enabled
+    frozen_bf16 = adapted and info.device.type == "cuda" and cfg.parallel.precision == "bf16"
     model = build_model(cfg.model, mcfg, torch.bfloat16 if frozen_bf16 else torch.float32)
     if cfg.lora.enabled:
         apply_lora(model, cfg.lora)
+    if cfg.control.enabled:
+        model = build_controlled(model, cfg)
     ema = None
     if cfg.ema.enabled:
         ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)
@@ -275,7 +291,7 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         booster = build_booster(pc, info)
     except ValueError as e:
         raise ConfigError(f"parallel: {e}") from None
-    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters alone
+    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA / control: the adapter(s) alone
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     model, optimizer = booster.boost(model, optimizer)
     layout = booster.layout
@@ -302,6 +318,54 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         cp=cp,
         prompts=prompts,
     )
+
+
+def build_controlled(model: MMDiT, cfg: GeneratorTrainConfig) -> ControlledMMDiT:
+    """The frozen base with a control adapter (fp32) built from its config: the adapter's context blocks copy the
+    base's first double blocks (`control.init_from_backbone`), its hint projections are zero. The adapter parameters
+    that never get a gradient (`unused_parameters`) get `requires_grad=False`, so the optimizer, the gradient norm and
+    the checkpoints hold only parameters that train (the export still writes them all)."""
+    c = cfg.control
+    acfg = ControlAdapterConfig(
+        num_blocks=c.num_blocks,
+        hint_blocks=c.hint_blocks,
+        kinds=c.kinds(),
+        reference=c.reference,
+        init_from_backbone=c.init_from_backbone,
+    )
+    freeze_backbone(model)
+    try:
+        adapter = ControlAdapter.from_backbone(model, acfg).float()
+    except ValueError as e:
+        raise ConfigError(f"control: {e}") from None
+    unused = set(unused_parameters(adapter))
+    for name, p in adapter.named_parameters():
+        p.requires_grad_(name not in unused)
+    return ControlledMMDiT(model, adapter)
+
+
+def encode_control(tr: Trainer, batch: dict[str, Any]) -> torch.Tensor:
+    """Packed control tokens (b, l_img, in_channels * kinds) of a batch's `control` videos (b, K, 3, T, H, W): each
+    kind encoded by the frozen tokenizer like the clip, packed like `img`, concatenated in `control.kind` order."""
+    dev, p = tr.info.device, tr.patch_size
+    video = batch["control"].to(dev, non_blocking=True)
+    chunks = tr.cfg.tokenizer.chunk_frames
+    tokens = []
+    with torch.no_grad(), autocast(dev, tr.cfg.parallel.precision):
+        for k in range(video.shape[1]):
+            v = video[:, k]
+            z = tr.tokenizer.encode_latents(v) if not chunks else chunked_latents(tr.tokenizer, v, chunks)
+            tokens.append(pack(z.float(), p))
+    return torch.cat(tokens, dim=-1)
+
+
+def control_kwargs(tr: Trainer, control: torch.Tensor | None, x0: torch.Tensor) -> dict[str, Any]:
+    """The controlled model's extra keywords (none without control): the control tokens, the reference latent (the
+    clip's first latent frame, packed, when `control.reference`) and the hint scale."""
+    if control is None:
+        return {}
+    reference = pack(x0[:, :, :1], tr.patch_size) if tr.cfg.control.reference else None
+    return {"control": control, "reference": reference, "control_scale": tr.cfg.control.scale}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -361,10 +425,12 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
     t = sample_timesteps(b, token_count(lh, lw, p), lt, generator=g).to(dev)
     noise = torch.randn(x0.shape, generator=g).to(dev)
     inputs, target = flow_inputs(tr, x0, txt, t, noise)
+    # control.enabled: the model is a `ControlledMMDiT`, its forward the base's under `with_control`.
+    extra = control_kwargs(tr, encode_control(tr, batch) if cfg.control.enabled else None, x0)
     tr.model.train()
     with autocast(dev, cfg.parallel.precision):
         if tr.cp is None:
-            pred = tr.model(txt=txt, vec=vec, cond=cond.tokens(p), **inputs)
+            pred = tr.model(txt=txt, vec=vec, cond=cond.tokens(p), **inputs, **extra)
         else:
             # Every rank of the group gets the whole prediction and takes the same loss (see ContextParallel).
             pred = tr.cp.forward(tr.model, txt=txt, vec=vec, cond=cond.tokens(p), **inputs)
@@ -385,13 +451,22 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
 
 
 def build_eval_data(tr: Trainer) -> None:
-    """Encode `train.eval_batches` fixed batches (their own seeded draw of the training data) once."""
+    """Encode `train.eval_batches` fixed batches (their own seeded draw of the training data, or of the held-out
+    `control.eval_meta`) once; with control, their control tokens too."""
     dp_rank, dp_size = tr.booster.layout.dp_rank, tr.booster.layout.dp_size
-    loader = build_loader(tr.dataset, tr.cfg, dp_rank, dp_size, mix_seed(tr.cfg.data.seed, 0xE7A1))
-    tr.eval_data = []
+    cc, ds = tr.cfg.control, tr.dataset
+    if cc.enabled and cc.eval_meta:
+        try:
+            ds = VideoDataset(cc.eval_meta, tr.cfg.data, replace_bad=True, controls=cc.columns())
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"control.eval_meta: {e}") from None
+    loader = build_loader(ds, tr.cfg, dp_rank, dp_size, mix_seed(tr.cfg.data.seed, 0xE7A1))
+    tr.eval_data, tr.eval_control = [], []
     for batch in loader:
         x0, txt, vec = encode_batch(tr, batch)
         tr.eval_data.append((x0.cpu(), txt.cpu(), vec.cpu()))
+        if cc.enabled:
+            tr.eval_control.append(encode_control(tr, batch).cpu())
         if len(tr.eval_data) == tr.cfg.train.eval_batches:
             break
 
@@ -400,28 +475,39 @@ def build_eval_data(tr: Trainer) -> None:
 def evaluate(tr: Trainer) -> dict[str, float]:
     """Text-to-video flow loss of the EMA (else the trained) model on the fixed eval batches at t = 0.25, 0.5, 0.75,
     with fixed noise: a low-variance progress signal on training data, not a held-out score.
+
+    With control: the loss with the batches' control (`eval/loss`, `eval/loss_control`) and with the control tokens
+    replaced by zeros (`eval/loss_zero_control`), on the held-out `control.eval_meta` when it is given.
     """
     if not tr.eval_data:
         build_eval_data(tr)
     model = tr.ema.module if tr.ema is not None else tr.module
     model.eval()
     dev = tr.info.device
-    sums = [0.0] * len(EVAL_TIMESTEPS)
+    runs = ("", "_zero_control") if tr.cfg.control.enabled else ("",)
+    sums = [0.0] * (len(EVAL_TIMESTEPS) * len(runs))
     for i, (x0, txt, vec) in enumerate(tr.eval_data):
         x0, txt, vec = x0.to(dev), txt.to(dev), vec.to(dev)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(mix_seed(0xE7A1, i))).to(dev)
-        for j, t_value in enumerate(EVAL_TIMESTEPS):
-            t = torch.full((x0.shape[0],), t_value, device=dev)
-            inputs, target = flow_inputs(tr, x0, txt, t, noise)
-            with autocast(dev, tr.cfg.parallel.precision):
-                pred = model(txt=txt, vec=vec, **inputs)
-            sums[j] += float(flow_loss(pred, target))
+        control = tr.eval_control[i].to(dev) if tr.cfg.control.enabled else None
+        for r, run in enumerate(runs):
+            extra = control_kwargs(tr, control if not run else torch.zeros_like(control), x0)
+            for j, t_value in enumerate(EVAL_TIMESTEPS):
+                t = torch.full((x0.shape[0],), t_value, device=dev)
+                inputs, target = flow_inputs(tr, x0, txt, t, noise)
+                with autocast(dev, tr.cfg.parallel.precision):
+                    pred = model(txt=txt, vec=vec, **inputs, **extra)
+                sums[r * len(EVAL_TIMESTEPS) + j] += float(flow_loss(pred, target))
     n = float(len(tr.eval_data))
     *sums, n = all_reduce_sum([*sums, n], dev)
     if n == 0:
         return {}
+    k = len(EVAL_TIMESTEPS)
     out = {f"eval/loss_t{t_value}": s / n for t_value, s in zip(EVAL_TIMESTEPS, sums)}
-    out["eval/loss"] = sum(sums) / (n * len(EVAL_TIMESTEPS))
+    out["eval/loss"] = sum(sums[:k]) / (n * k)
+    if tr.cfg.control.enabled:
+        out["eval/loss_control"] = out["eval/loss"]
+        out["eval/loss_zero_control"] = sum(sums[k:]) / (n * k)
     return out
 
 
@@ -526,9 +612,13 @@ def load(tr: Trainer, path: Path) -> None:
 def export(tr: Trainer, out_dir: Path) -> Path:
     """The pipeline folder `cinedit generator sample --ckpt` reads: the generator (EMA if enabled), the tokenizer,
     the text-encoder config, the sampler settings and the frame rate. A LoRA run writes its adapter instead:
-    `lora.safetensors` + `adapter_config.json` (`cinedit generator sample --lora`, `merge-lora`)."""
+    `lora.safetensors` + `adapter_config.json` (`cinedit generator sample --lora`, `merge-lora`); a control run its
+    control adapter: `control_adapter/` (`cinedit generator sample --control-adapter`)."""
     if tr.cfg.lora.enabled:
         save_lora(tr.module, out_dir / LORA_FILE, base=tr.cfg.model.init_from)
+        return out_dir
+    if tr.cfg.control.enabled:
+        save_adapter(tr.module.adapter, out_dir / CONTROL_ADAPTER_DIR)
         return out_dir
     generator = tr.ema.module if tr.ema is not None else tr.module
     return save_pipeline(out_dir, generator, tr.tokenizer, tr.cfg.text, tr.cfg.sample, tr.cfg.train.fps)
