@@ -28,7 +28,7 @@ GROUPS = {
         ],
     ),
     "tokenizer": (
-        "Video DC-AE: reconstruct, encode, decode, train",
+        "Video DC-AE (and the release's HunyuanVideo VAE, Flux AE): reconstruct, encode, decode, train",
         "The Video DC-AE tokenizer.",
         ["cinedit.tokenizer.train", "cinedit.tokenizer.commands"],
     ),

@@ -615,7 +615,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     """Register `sample`."""
     p = sub.add_parser(
         "sample",
-        help="text-to-video, image-to-video and inpainting with a trained pipeline",
+        help="text-to-video, image-to-video, video extension and inpainting with a trained pipeline or the release",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
