@@ -537,15 +537,17 @@ def lora_debug() -> GeneratorTrainConfig:
 
 
 def lora_256px() -> GeneratorTrainConfig:
-    """LoRA (rank 16) on the released 11B model for HunyuanVAE latents, 256px buckets, one node: the stage-2 data
+    """LoRA (rank 16) on the released 11B model for Video DC-AE latents, 256px buckets, one node: the stage-2 data
     and condition mix, lr 1e-4.
 
-    Needs `--model.init_from=` (the release's `Open_Sora_v2.safetensors`), `--tokenizer.path=` (its
-    `hunyuan_vae.safetensors`) and `--data.meta=`. The base stays frozen in bf16 on the GPU and only the adapters reach
+    Needs `--model.init_from=` (the release's `Open_Sora_v2_Video_DC_AE.safetensors`), `--tokenizer.path=` (its
+    `F32T4C128_AE.safetensors`) and `--data.meta=`. The trainer's buckets hold multiples of 4 frames, the DC-AE's rule;
+    the HunyuanVAE model (`11b`) needs 1 + 4k-frame buckets, which the trainer does not build yet.
+    The base stays frozen in bf16 on the GPU and only the adapters reach
     the optimizer (fp32 masters of the adapters alone under ZeRO). Steps and intervals are our choice.
     """
     cfg = stage2_256px_ti2v()
-    cfg.model.preset = "11b"
+    cfg.model.preset = "11b-dcae"
     cfg.optim.lr = 1e-4
     cfg.lora = LoRAConfig(enabled=True)
     cfg.train.steps, cfg.train.ckpt_every, cfg.train.eval_every = 2000, 250, 250
@@ -568,16 +570,17 @@ def finetune_control_debug() -> GeneratorTrainConfig:
 
 
 def finetune_control_256px() -> GeneratorTrainConfig:
-    """An edges control adapter on the released 11B model for HunyuanVAE latents, 256px buckets, one node:
+    """An edges control adapter on the released 11B model for Video DC-AE latents, 256px buckets, one node:
     8 context blocks (copies of the base's first 8 double blocks) whose hints go to every 2nd of the first 16 of its
     19 double blocks (VACE's every-k-th layer), text-to-video, lr 1e-4.
 
-    Needs `--model.init_from=` (the release's `Open_Sora_v2.safetensors`), `--tokenizer.path=` (its
-    `hunyuan_vae.safetensors`) and `--data.meta=` with a `control_edges` column. The base stays frozen in bf16 on the
+    Needs `--model.init_from=` (the release's `Open_Sora_v2_Video_DC_AE.safetensors`), `--tokenizer.path=` (its
+    `F32T4C128_AE.safetensors`) and `--data.meta=` with a `control_edges` column (frame rule: see `lora_256px`).
+    The base stays frozen in bf16 on the
     GPU; only the adapter reaches the optimizer. Steps and intervals are our choice.
     """
     cfg = stage2_256px_ti2v()
-    cfg.model.preset = "11b"
+    cfg.model.preset = "11b-dcae"
     cfg.flow = FlowConfig(conditions={"t2v": 1.0})
     cfg.optim.lr = 1e-4
     cfg.control = ControlConfig(enabled=True, kind="edges", num_blocks=8, hint_blocks=[0, 2, 4, 6, 8, 10, 12, 14])

@@ -118,7 +118,7 @@ def test_configs() -> None:
     cfg = PRESETS["generator"]["finetune_control_debug"]()
     assert cfg.control.enabled and cfg.control.columns() == ["control_edges"] and not cfg.ema.enabled
     big = PRESETS["generator"]["finetune_control_256px"]()
-    assert big.control.enabled and big.model.preset == "11b" and len(big.control.hint_blocks) == 8
+    assert big.control.enabled and big.model.preset == "11b-dcae" and len(big.control.hint_blocks) == 8
     assert ControlConfig(kind="edges,flow").columns() == ["control_edges", "control_flow"]
     for bad in (dict(kind="normals"), dict(kind="edges,edges"), dict(kind="edges,flow", column="a"),
                 dict(num_blocks=2, hint_blocks=[0]), dict(scale=-1.0)):  # fmt: skip
