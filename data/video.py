@@ -366,10 +366,14 @@ def read_reference(path: str | os.PathLike, size: tuple[int, int]) -> torch.Tens
         raise MediaError(f"{path}: {'empty file (0 bytes)' if os.path.isfile(path) else 'no such file'}")
     try:
         with Image.open(path) as im:
-            arr = resize_crop(im, size)
+            return reference_tensor(im, size)
     except OSError as e:
         raise MediaError(f"{path}: not a readable image ({e})") from None
-    return _to_tensor(arr[None])
+
+
+def reference_tensor(im: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """An image as the release reads a reference (`resize_crop`): float (3, 1, H, W) in [-1, 1]."""
+    return _to_tensor(resize_crop(im, size)[None])
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

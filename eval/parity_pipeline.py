@@ -39,10 +39,7 @@ class RecordedText:
 
     def __init__(self, prompts: list[str], tensors: dict[str, torch.Tensor]):
         self.rows = {p: (tensors[f"txt.{i}"], tensors[f"vec.{i}"]) for i, p in enumerate(prompts)}
-        self.txt_dim, self.vec_dim = (
-            next(iter(self.rows.values()))[0].shape[-1],
-            next(iter(self.rows.values()))[1].shape[-1],
-        )
+        self.txt_dim, self.vec_dim = (t.shape[-1] for t in next(iter(self.rows.values())))
         self.calls: list[list[str]] = []
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from cinedit.configs.generator import SamplerConfig
 from cinedit.configs.inference import InferencePreset
-from cinedit.data.video import resize_crop
+from cinedit.data.video import reference_tensor
 from cinedit.generator.conditions import Condition, build_condition
 from cinedit.generator.sampler import sample, sample_distilled
 from cinedit.tokenizer import tiling
@@ -205,8 +205,7 @@ def png_uint8(x: Tensor) -> np.ndarray:
 
 def image_reference(png: np.ndarray, size: tuple[int, int]) -> Tensor:
     """An (H, W, 3) uint8 image read back as the release reads a reference file (`resize_crop`): (3, 1, H, W)."""
-    arr = torch.from_numpy(np.ascontiguousarray(resize_crop(Image.fromarray(png), size)))
-    return arr.permute(2, 0, 1)[:, None].float().div_(127.5).sub_(1.0)
+    return reference_tensor(Image.fromarray(png), size)
 
 
 # Offloading: only the model in use on the GPU.

@@ -173,7 +173,7 @@ def sample(
         return x
     if write_back == "first":
         x = x.clone()
-        x[:1] = torch.where(condition.mask[:1].bool(), condition.masked_ref[:1].to(x), x[:1])
+        x[:1] = Condition(condition.mask[:1], condition.masked_ref[:1]).write_back(x[:1])
         return x
     return condition.write_back(x)
 

@@ -13,12 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
 from cinedit.runtime import modelio
-from cinedit.tokenizer.hunyuan import LOGVAR_RANGE, sample_gaussian
+from cinedit.tokenizer.kl import KLTokenizer, check_spatial
 
 NORM_GROUPS = 32  # hard-coded in the reference's ResnetBlock, AttnBlock and norm_out
 
@@ -69,12 +68,11 @@ class FluxAEConfig:
             raise ValueError(f"scaling_factor must be positive, got {self.scaling_factor}")
 
 
-class FluxAE(nn.Module):
+class FluxAE(KLTokenizer):
     """Flux AE: (b, 3, t, h, w) in [-1, 1] <-> latents (b, 16, t, h/8, w/8), every frame on its own."""
 
     kind = "flux_ae"
-    causal = False
-    native_tiling = True  # an image model: the DC-AE tiler's blending in time would only blur it
+    causal = False  # an image model (never tiled): the DC-AE tiler's blending in time would only blur it
     temporal_compression = 1
 
     def __init__(self, config: FluxAEConfig):
@@ -104,25 +102,13 @@ class FluxAE(nn.Module):
         self.encoder, self.decoder = ae.encoder, ae.decoder
 
     @property
-    def scaling_factor(self) -> float:
-        return self.config.scaling_factor
-
-    @property
-    def shift_factor(self) -> float:
-        return self.config.shift_factor
-
-    @property
     def latent_channels(self) -> int:
         return self.config.z_channels
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(c, t, h, w) of the latent of a (3, num_frames, height, width) input; frames are kept one for one."""
         s = self.spatial_compression
-        if height % s or width % s or height < s or width < s:
-            fix = [f"{max(s, v // s * s)}" + (f" or {v // s * s + s}" if v % s else "") for v in (height, width)]
-            raise ValueError(
-                f"height and width must be multiples of {s}, got {height}x{width}: use height {fix[0]}, width {fix[1]}"
-            )
+        check_spatial(height, width, s)
         if num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {num_frames}")
         return self.config.z_channels, num_frames, height // s, width // s
@@ -137,14 +123,7 @@ class FluxAE(nn.Module):
             raise ValueError(f"expected (b, {self.config.in_channels}, t, h, w), got {tuple(x.shape)}")
         self.latent_shape(*x.shape[2:])
         moments = self.encoder(rearrange(x, "b c t h w -> (b t) c h w"))
-        moments = rearrange(moments, "(b t) c h w -> b c t h w", b=x.shape[0])
-        mean, logvar = moments.chunk(2, dim=1)
-        return mean, logvar.clamp(*LOGVAR_RANGE)
-
-    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Unscaled latent: the posterior mean, or a posterior sample (`sample`; the global RNG if no generator)."""
-        mean, logvar = self.posterior(x)
-        return sample_gaussian(mean, logvar, generator) if sample else mean
+        return self.clamped(rearrange(moments, "(b t) c h w -> b c t h w", b=x.shape[0]))
 
     def decode(self, z: Tensor, num_frames: int | None = None) -> Tensor:
         """Unscaled latents (b, c, t, h, w) -> (b, 3, t, 8h, 8w), trimmed to `num_frames` if given."""
@@ -156,18 +135,6 @@ class FluxAE(nn.Module):
         z = z[:, :, :num_frames]
         x = self.decoder(rearrange(z, "b c t h w -> (b t) c h w"))
         return rearrange(x, "(b t) c h w -> b c t h w", b=z.shape[0])
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction of x (posterior mean), with the same shape as x."""
-        return self.decode(self.encode(x))
-
-    def encode_latents(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Latents as the generator sees them (the reference's `encode`): scaling_factor * (encode(x) - shift)."""
-        return self.scaling_factor * (self.encode(x, sample, generator) - self.shift_factor)
-
-    def decode_latents(self, z: Tensor, num_frames: int | None = None) -> Tensor:
-        """Inverse of `encode_latents`: decode(z / scaling_factor + shift)."""
-        return self.decode(z / self.scaling_factor + self.shift_factor, num_frames)
 
 
 def config_from_reference(ref: Mapping[str, Any]) -> FluxAEConfig:

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from cinedit.runtime import modelio
+from cinedit.tokenizer.kl import KLTokenizer, check_spatial
 
-LOGVAR_RANGE = (-30.0, 20.0)  # the reference's clamp of the posterior log-variance
 NUM_BLOCKS = 4  # 3 spatial and 2 temporal downsamplings: 8x, 4x
 
 
@@ -96,23 +96,11 @@ def tile_size_ok(size: int, overlap: float) -> bool:
     return stride > 0 and stride % 8 == 0 and consistent
 
 
-def sample_gaussian(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """mean + exp(logvar / 2) * eps, eps ~ N(0, 1) of mean's shape.
-
-    eps is drawn in float32 on the generator's device (the CPU for None, i.e. the global torch RNG) and then moved,
-    so a seed gives the same draw on every device and dtype, as in the reference.
-    """
-    device = generator.device if generator is not None else torch.device("cpu")
-    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
-    return mean + torch.exp(0.5 * logvar) * eps.to(mean.device, mean.dtype)
-
-
-class HunyuanVAE(nn.Module):
+class HunyuanVAE(KLTokenizer):
     """HunyuanVideo VAE: (b, 3, 1 + 4k, h, w) in [-1, 1] <-> latents (b, 16, 1 + k, h/8, w/8); t = 1 is an image."""
 
     kind = "hunyuan_vae"
-    causal = True  # frame i depends on frames <= i only; frame 0 is encoded alone
-    native_tiling = True  # tiles itself (the reference's scheme); the DC-AE tiler must not cut it
+    causal = True  # frame i depends on frames <= i only; frame 0 is encoded alone (tiling: the reference's scheme)
 
     def __init__(self, config: HunyuanVAEConfig):
         super().__init__()
@@ -141,14 +129,6 @@ class HunyuanVAE(nn.Module):
         self.quant_conv, self.post_quant_conv = ae.quant_conv, ae.post_quant_conv
 
     @property
-    def scaling_factor(self) -> float:
-        return self.config.scaling_factor
-
-    @property
-    def shift_factor(self) -> float:
-        return self.config.shift_factor
-
-    @property
     def latent_channels(self) -> int:
         return self.config.latent_channels
 
@@ -166,11 +146,7 @@ class HunyuanVAE(nn.Module):
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(c, t, h, w) of the latent of a (3, num_frames, height, width) input; t = (num_frames - 1) // 4 + 1."""
         s, tc = self.spatial_compression, self.temporal_compression
-        if height % s or width % s or height < s or width < s:
-            fix = [f"{max(s, v // s * s)}" + (f" or {v // s * s + s}" if v % s else "") for v in (height, width)]
-            raise ValueError(
-                f"height and width must be multiples of {s}, got {height}x{width}: use height {fix[0]}, width {fix[1]}"
-            )
+        check_spatial(height, width, s)
         if num_frames < 1 or (num_frames - 1) % tc:
             low = max(1, 1 + (num_frames - 1) // tc * tc)
             fix = f"{low} or {low + tc}" if num_frames > 1 else "1"
@@ -189,14 +165,7 @@ class HunyuanVAE(nn.Module):
             raise ValueError(f"expected (b, {self.config.in_channels}, t, h, w), got {tuple(x.shape)}")
         self.latent_shape(*x.shape[2:])
         self._sync_tiling()
-        moments = self._ae.encode(x).latent_dist.parameters
-        mean, logvar = moments.chunk(2, dim=1)
-        return mean, logvar.clamp(*LOGVAR_RANGE)
-
-    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Unscaled latent: the posterior mean, or a posterior sample (`sample`; the global RNG if no generator)."""
-        mean, logvar = self.posterior(x)
-        return sample_gaussian(mean, logvar, generator) if sample else mean
+        return self.clamped(self._ae.encode(x).latent_dist.parameters)
 
     def decode(self, z: Tensor, num_frames: int | None = None) -> Tensor:
         """Unscaled latents (b, c, t, h, w) -> (b, 3, 1 + 4(t - 1), 8h, 8w), trimmed to `num_frames` if given."""
@@ -210,18 +179,6 @@ class HunyuanVAE(nn.Module):
         self._sync_tiling()
         x = self._ae.decode(z).sample
         return x if num_frames is None else x[:, :, :num_frames]
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Reconstruction of x (posterior mean), with the same shape as x."""
-        return self.decode(self.encode(x), num_frames=x.shape[2])
-
-    def encode_latents(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Latents as the generator sees them (the reference's `encode`): scaling_factor * (encode(x) - shift)."""
-        return self.scaling_factor * (self.encode(x, sample, generator) - self.shift_factor)
-
-    def decode_latents(self, z: Tensor, num_frames: int | None = None) -> Tensor:
-        """Inverse of `encode_latents`: decode(z / scaling_factor + shift)."""
-        return self.decode(z / self.scaling_factor + self.shift_factor, num_frames)
 
 
 def config_from_reference(ref: Mapping[str, Any]) -> HunyuanVAEConfig:
