@@ -1,8 +1,9 @@
 """`cinedit data index`: scan a folder of videos and images into a metadata table, reporting every file it skips.
 
-Each video is checked before it is indexed: the header frame count against the demuxed packet count (no
-decoding), then the first and the last frame are decoded (one seek each). Files that fail are listed in
-`<out stem>.report.csv` with a short reason code and never stop the run.
+Each video is judged by what it holds: the time its demuxed packets cover (in frame slots at its frame rate, so
+sparse and variable timestamps count the time they claim) against the header's frame count, then the first and the
+last frame are decoded (one seek each). Rotated files are indexed with their displayed (upright) height and width.
+Files that fail are listed in `<out stem>.report.csv` with a short reason code and never stop the run.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def check_video(path: str | os.PathLike) -> VideoInfo:
     if os.path.getsize(path) == 0:
         raise Skip("empty", "0 bytes")
     try:
-        info = probe(path, count_frames=True)  # demux only: how many packets are really there
+        info = probe(path, count_frames=True)  # demux only: the time the packets really cover, in frame slots
     except MediaError as e:
         raise _open_error(path, e) from None
     n = info.num_frames
@@ -177,8 +178,10 @@ def check_video(path: str | os.PathLike) -> VideoInfo:
         raise Skip("unreadable", "the video stream reports no frame rate")
     with ClipReader(path) as reader:
         header = reader.num_frames
-        if header and n < header:
-            raise Skip("truncated", f"header says {header} frames, only {n} packets demux")
+        # Sparse or variable timestamps cover the header's time with fewer packets; a cut file does not. One slot of
+        # rounding between the header's count and the timeline is allowed.
+        if header and n < header - 1:
+            raise Skip("truncated", f"header says {header} frames, the file's packets end after frame {n}")
         if n < 2:
             raise Skip("too_short", f"{n} frame(s); a video needs at least 2")
         try:
@@ -200,11 +203,10 @@ def check_image(path: str | os.PathLike) -> VideoInfo:
     try:
         with Image.open(path) as im:
             im.load()
-            w, h = im.size
     except Exception as e:  # PIL raises many types for bad files
         reason = "truncated" if "truncated" in str(e).lower() else "unreadable"
         raise Skip(reason, f"not a readable image ({type(e).__name__}: {e})") from None
-    return VideoInfo(str(path), 1, h, w, 0.0, is_image=True)
+    return probe(path)  # the displayed (EXIF-upright) size
 
 
 def inspect(path: str | os.PathLike) -> tuple[VideoInfo | None, str, str]:

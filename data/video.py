@@ -14,7 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cinedit.runtime.files import atomic_path
 
@@ -37,6 +37,9 @@ class VideoInfo:
     width: int
     fps: float
     is_image: bool = False
+    # Counter-clockwise degrees the file's display matrix turns its stored frames by (a phone's portrait clip: -90);
+    # height and width above are the displayed ones, and every reader turns the frames the same way.
+    rotation: int = 0
 
     @property
     def duration(self) -> float:
@@ -88,10 +91,12 @@ def _stream_fps(stream) -> float:
 
 
 def probe(path: str | os.PathLike, count_frames: bool = False) -> VideoInfo:
-    """Read size, frame count and fps from the container header (or the image header).
+    """Read size, frame count, fps and rotation from the container header (or the image header).
 
-    The frame count comes from the header when it has one; `count_frames=True` (or a header without
-    one) counts packets by demuxing, which reads the file but decodes nothing.
+    The frame count comes from the header when it has one; `count_frames=True` (or a header without one) measures
+    the file's timeline instead (`timeline_frames`: demuxing only, nothing decoded), which is the count every reader
+    can deliver. The rotation needs the first frame decoded (FFmpeg attaches the display matrix to frames); height
+    and width are the displayed ones, so a phone's portrait clip reads as portrait everywhere.
     """
     path = str(path)
     if is_image(path):
@@ -100,26 +105,80 @@ def probe(path: str | os.PathLike, count_frames: bool = False) -> VideoInfo:
         try:
             with Image.open(path) as im:
                 w, h = im.size
+                rotation = EXIF_TURNS.get(im.getexif().get(EXIF_ORIENTATION, 1), 0)
         except Exception as e:  # PIL raises many types for bad files
             raise MediaError(f"{path}: not a readable image ({e})") from None
-        return VideoInfo(path, 1, h, w, 0.0, is_image=True)
+        if quarter_turns(rotation) % 2:
+            h, w = w, h
+        return VideoInfo(path, 1, h, w, 0.0, is_image=True, rotation=rotation)
     with _open(path) as container:
         stream = container.streams.video[0]
         fps = _stream_fps(stream)
-        n = stream.frames
-        if not n or count_frames:
-            n = _count_packets(container, stream)
         w, h = stream.codec_context.width, stream.codec_context.height
         if not w or not h:
             raise MediaError(f"{path}: the video stream reports no frame size")
-    return VideoInfo(path, int(n), int(h), int(w), fps)
+        rotation = _first_rotation(container, stream)
+        n = stream.frames
+        if not n or count_frames:
+            container.seek(0, stream=stream)
+            n = _timeline(container, stream, fps)
+    if quarter_turns(rotation) % 2:
+        h, w = w, h
+    return VideoInfo(path, int(n), int(h), int(w), fps, rotation=rotation)
 
 
-def _count_packets(container, stream) -> int:
+# EXIF orientation tag -> the counter-clockwise degrees `ImageOps.exif_transpose` turns the stored image by (5 and 7
+# also mirror it). Only the turn matters for the displayed height and width.
+EXIF_ORIENTATION = 0x0112
+EXIF_TURNS = {3: 180, 5: 90, 6: -90, 7: -90, 8: 90}
+
+
+def quarter_turns(rotation: float) -> int:
+    """Counter-clockwise quarter turns (0-3) of a display rotation in degrees; flips are not applied."""
+    return round((rotation or 0) / 90) % 4
+
+
+def _frame_rotation(frame) -> int:
+    # PyAV 14+ reads the display matrix of each decoded frame; older releases cannot see it.
+    return int(getattr(frame, "rotation", 0) or 0)
+
+
+def _first_rotation(container, stream) -> int:
     try:
-        return sum(1 for p in container.demux(stream) if p.size > 0)
-    except av.error.FFmpegError as e:
-        raise MediaError(f"{container.name}: demuxing failed ({e})") from None
+        for frame in container.decode(stream):
+            return _frame_rotation(frame)
+    except av.error.FFmpegError:
+        pass  # a first frame that does not decode is the readers' and `data index`'s to report
+    return 0
+
+
+def _timeline(container, stream, fps: float) -> int:
+    """How many frame slots at `fps` the demuxed packets cover (`_packet_span`'s first number)."""
+    return _packet_span(container, stream, fps)[0]
+
+
+def _packet_span(container, stream, fps: float) -> tuple[int, int]:
+    """(slots, last): round(end time x fps), where the end time is the largest packet timestamp plus its duration,
+    and the slot of the last packet that carries a picture. Sparse timestamps (an AVI whose held frames have no
+    packets, a variable-rate phone clip) count the time they cover, not their packets; a truncated file counts only
+    what it holds. Packets without timestamps count one slot each."""
+    tb = float(stream.time_base) if stream.time_base else (1.0 / fps if fps > 0 else 1.0)
+    start = stream.start_time or 0
+    end, counted, last = 0.0, 0, -1
+    try:
+        for p in container.demux(stream):
+            ts = p.pts if p.pts is not None else p.dts
+            if ts is None:
+                counted += p.size > 0
+                continue
+            dur = p.duration * tb if p.duration else (1.0 / fps if fps > 0 else 0.0)
+            end = max(end, (ts - start) * tb + dur)
+            if p.size > 0:
+                last = max(last, round((ts - start) * tb * fps))
+    except av.error.FFmpegError:
+        pass  # the file ends early: what demuxed so far is what it holds
+    slots = max(round(end * fps) if fps > 0 else 0, counted)
+    return slots, last if last >= 0 else counted - 1
 
 
 def fill_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
@@ -149,6 +208,12 @@ def _to_tensor(frames: np.ndarray) -> torch.Tensor:
 class ClipReader:
     """Decode chosen frame indices of one video, seeking to the nearest keyframe before the first.
 
+    Index k is the frame slot at time k / fps: each decoded frame goes to the slot its timestamp rounds to (as
+    FFmpeg's fps filter places them; of two in one slot, the later), and a slot between two frames shows the earlier
+    one (held), so sparse and variable timestamps cover the time they claim.
+    Frames are turned upright by the file's display rotation. A read never pads: an index past what the file
+    decodes raises `MediaError` naming how far it gets ("truncated").
+
     `frames_decoded` counts decoded frames, which lets tests and benchmarks check that a short clip
     from a long file does not decode the whole file.
     """
@@ -167,6 +232,7 @@ class ClipReader:
         tb = self.stream.time_base
         self._tb = float(tb) if tb else 1.0 / max(self.fps, 1.0)
         self._start = self.stream.start_time or 0
+        self._span: tuple[int, int] | None = None
 
     def close(self) -> None:
         self.container.close()
@@ -183,8 +249,15 @@ class ClipReader:
             return -1
         return round((pts - self._start) * self._tb * self.fps)
 
+    def packet_span(self) -> tuple[int, int]:
+        """(frame slots the file's packets cover, slot of the last picture packet); measured once, by demuxing."""
+        if self._span is None:
+            with _open(self.path) as container:
+                self._span = _packet_span(container, container.streams.video[0], self.fps)
+        return self._span
+
     def read(self, indices: list[int], size: tuple[int, int] | None = None) -> np.ndarray:
-        """Decode the frames at `indices` (sorted, ascending) as (T, H, W, 3) uint8.
+        """Decode the frames at `indices` (sorted, ascending) as (T, H, W, 3) uint8, upright.
 
         With `size=(H, W)` each frame is resized to fill and centre-cropped; the resize runs in
         swscale on the decoded frame, before any conversion to a tensor.
@@ -202,41 +275,68 @@ class ClipReader:
             except av.error.FFmpegError:
                 self.container.seek(0, stream=self.stream)
         out: list[np.ndarray] = []
-        last: np.ndarray | None = None
-        pos = 0
+        memo: list = [None, None]  # (frame, array): a held frame is converted once however many indices show it
+
+        def convert(frame) -> np.ndarray:
+            if memo[0] is not frame:
+                memo[0], memo[1] = frame, self._convert(frame, size)
+            return memo[1]
+
+        prev, last_idx, failure, pos = None, -1, None, 0
         try:
             for frame in self.container.decode(self.stream):
                 self.frames_decoded += 1
                 idx = self._index_of(frame)
-                if idx < want[pos]:
-                    continue
-                arr = self._convert(frame, size)
-                while pos < len(want) and want[pos] <= idx:
-                    out.append(arr)
+                # Slots before this frame show the last frame before it (one slot holding two frames shows the
+                # later); before the first decoded frame, this one.
+                while pos < len(want) and want[pos] < idx:
+                    out.append(convert(prev if prev is not None else frame))
                     pos += 1
-                last = arr
+                prev, last_idx = frame, max(last_idx, idx)
                 if pos == len(want):
                     break
         except av.error.FFmpegError as e:
-            if not out:
-                raise MediaError(f"{self.path}: decoding failed ({e})") from None
-        if not out:
-            raise MediaError(f"{self.path}: no decodable frame at or after index {first}")
-        # A header that overstates the frame count (or a truncated tail) leaves the last indices
-        # unfilled; repeating the last decoded frame keeps the clip length the caller asked for.
-        while len(out) < len(want):
-            out.append(last)
+            failure = e
+        while pos < len(want) and want[pos] <= last_idx:
+            out.append(convert(prev))
+            pos += 1
+        if pos < len(want) and failure is None and prev is not None:
+            # The decoder reached the end. When it delivered the file's last picture, that frame stays on screen to
+            # the end of the file's timeline (one slot of rounding allowed); pictures lost at the end (a cut file
+            # whose decoder threads swallow the error) or a decoding error hold nothing.
+            slots, last_packet = self.packet_span()
+            end = max(slots, last_idx + 2) if last_idx >= last_packet else 0
+            while pos < len(want) and want[pos] < end:
+                out.append(convert(prev))
+                pos += 1
+        if pos < len(want):
+            raise MediaError(self._shortfall(want[pos], last_idx, failure))
         return np.stack(out)
+
+    def _shortfall(self, wanted: int, last_idx: int, failure) -> str:
+        why = f": {failure}" if failure is not None else ""
+        if last_idx < 0:
+            return f"{self.path}: no decodable frame at or after index {wanted} (decoding failed{why})"
+        header = f"the header says {self.num_frames} frames, " if self.num_frames else ""
+        return (
+            f"{self.path}: truncated: frame {wanted} was asked for, {header}decoding ends after frame {last_idx}"
+            f"{why}; re-download or re-encode the file (or read at most {last_idx + 1} frames)"
+        )
 
     @staticmethod
     def _convert(frame, size: tuple[int, int] | None) -> np.ndarray:
+        turns = quarter_turns(_frame_rotation(frame))
         if size is None:
-            return frame.to_ndarray(format="rgb24")
-        h, w = fill_size(frame.height, frame.width, size)
-        # AREA averages when shrinking (no aliasing); BICUBIC when enlarging.
-        interp = "AREA" if h <= frame.height else "BICUBIC"
-        arr = frame.reformat(width=w, height=h, format="rgb24", interpolation=interp).to_ndarray()
-        return _center_crop(arr, size)
+            arr = frame.to_ndarray(format="rgb24")
+        else:
+            # Fill and crop the displayed (turned) frame: a sideways-stored frame resizes with its sides swapped.
+            th, tw = size if turns % 2 == 0 else size[::-1]
+            h, w = fill_size(frame.height, frame.width, (th, tw))
+            # AREA averages when shrinking (no aliasing); BICUBIC when enlarging.
+            interp = "AREA" if h <= frame.height else "BICUBIC"
+            arr = frame.reformat(width=w, height=h, format="rgb24", interpolation=interp).to_ndarray()
+            arr = _center_crop(arr, (th, tw))
+        return np.ascontiguousarray(np.rot90(arr, turns)) if turns else arr
 
 
 def clip_indices(
@@ -304,9 +404,11 @@ ALPHA_BACKGROUND = (255, 255, 255)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """An 8-bit RGB copy of any PIL image: 16- and 32-bit integer images scaled down (not clipped: `convert("RGB")`
-    saturates a 16-bit grey image to near white), transparency composited over `ALPHA_BACKGROUND` (dropping alpha
-    would show whatever RGB the transparent pixels hide)."""
+    """An 8-bit RGB, upright copy of any PIL image: the EXIF orientation applied (a phone photo stored sideways reads
+    as it is shown), 16- and 32-bit integer images scaled down (not clipped: `convert("RGB")` saturates a 16-bit grey
+    image to near white), transparency composited over `ALPHA_BACKGROUND` (dropping alpha would show whatever RGB the
+    transparent pixels hide)."""
+    im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I") or im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
