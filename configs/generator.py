@@ -26,6 +26,8 @@ COND_TYPES = ("t2v", "i2v_head", "i2v_tail", "i2v_loop", "inpaint")
 STAGE1_I2V_WEIGHTS = {"t2v": 1.0, "i2v_head": 5.0, "i2v_tail": 1.0, "i2v_loop": 1.0}
 CAPTION_DROPOUT = 0.316  # T5 and CLIP each replaced by the empty prompt, independently (the release's rate)
 TEXT_KINDS = ("t5_clip", "minilm")
+# (txt, vec) widths of each text kind: T5-v1.1-XXL 4096 and CLIP-L 768; MiniLM-L6 384 for both.
+TEXT_WIDTHS = {"t5_clip": (4096, 768), "minilm": (384, 384)}
 TEXT_DTYPES = ("bf16", "fp32")
 GENERATOR_RUN_CONTROL = (
     *RUN_CONTROL,
@@ -156,15 +158,29 @@ class FrozenTokenizerConfig:
 
 @dataclass
 class GeneratorDataConfig(DataConfig):
-    """Training data: decoded video (`meta`), or a `cinedit data cache` folder (`use_cache` and `cache_dir`)."""
+    """Training data: decoded video (`meta`), a `cinedit data cache` folder (`use_cache` and `cache_dir`), or mock
+    latents for throughput runs (`mock`)."""
 
     use_cache: bool = False
     text_cache_dir: str = ""  # text embeddings in another cache under the same keys ("" = in cache_dir)
+    # Throughput runs: seeded random latents of every bucket shape (the 16:9-nearest size of each resolution, each
+    # frame count) and random text states; no file is read, no video or prompt is encoded (the tokenizer's config
+    # still gives the latent shapes, and the pipeline export). Resume stays exact (each sample is seeded by index).
+    mock: bool = False
+    mock_samples: int = 64  # samples per bucket shape
+    # (txt, vec) widths of the mock text states; 0 takes the text kind's: t5_clip 4096 / 768, minilm 384 / 384.
+    mock_text_dims: tuple[int, int] = (0, 0)
 
     def validate(self) -> None:
         super().validate()
         if self.use_cache and not self.cache_dir:
             raise ConfigError("data.use_cache=true needs data.cache_dir (a folder written by `cinedit data cache`)")
+        if self.mock and self.use_cache:
+            raise ConfigError("data.mock=true and data.use_cache=true exclude each other: pick one data source")
+        if self.mock_samples < 1:
+            raise ConfigError(f"data.mock_samples must be positive, got {self.mock_samples}")
+        if len(self.mock_text_dims) != 2 or min(self.mock_text_dims) < 0:
+            raise ConfigError(f"data.mock_text_dims must be two widths >= 0 (txt, vec), got {self.mock_text_dims}")
 
 
 @dataclass

@@ -260,3 +260,53 @@ def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
                 f"(use BucketBatchSampler)"
             )
     return out
+
+
+class MockLatentDataset(Dataset):
+    """Seeded random latents and text states for throughput runs: no file is read and nothing is encoded.
+
+    `shapes` lists the pixel shapes (T, H, W) to make, `samples` of each; `latent_shape(T, H, W)` gives a sample's
+    (C, t, h, w) latent (the tokenizer's rule). Sample i is drawn from a generator seeded by (seed, i), so it is the
+    same in every worker, epoch and resumed run. Like cached latents, samples keep their exact shape.
+    """
+
+    exact_shape = True
+
+    def __init__(
+        self,
+        shapes: Sequence[tuple[int, int, int]],
+        samples: int,
+        latent_shape: Any,
+        text_tokens: int,
+        text_dims: tuple[int, int],
+        seed: int = 0,
+        fps: float = 24.0,
+    ):
+        if not shapes or samples < 1:
+            raise ValueError(f"mock data needs at least one shape and sample, got {len(shapes)} shapes x {samples}")
+        self.latent_shape, self.text_tokens, self.text_dims, self.seed = latent_shape, text_tokens, text_dims, seed
+        rows = [
+            {"path": "", "text": "", "num_frames": t, "height": h, "width": w, "fps": fps, "frame_stride": 1}
+            for t, h, w in shapes
+            for _ in range(samples)
+        ]
+        self.meta = pd.DataFrame(rows, columns=["path", "text", "num_frames", "height", "width", "fps", "frame_stride"])
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def __getitem__(self, item: Sequence[int]) -> dict[str, Any]:
+        index, t, h, w, _ = _unpack(item)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        (txt_dim, vec_dim), row = self.text_dims, self.meta.iloc[index]
+        return {
+            "latent": torch.randn(self.latent_shape(t, h, w), generator=g),
+            "txt": torch.randn(self.text_tokens, txt_dim, generator=g),
+            "vec": torch.randn(vec_dim, generator=g),
+            "text": "",
+            "fps": float(row["fps"]),
+            "num_frames": t,
+            "height": h,
+            "width": w,
+            "index": index,
+        }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,13 @@ from cinedit.configs.generator import (
     DEBUG_PROMPTS,
     DEBUG_TOKENIZER,
     GENERATOR_RUN_CONTROL,
+    TEXT_WIDTHS,
     GeneratorModelConfig,
     GeneratorTrainConfig,
 )
-from cinedit.data.buckets import mix_seed
+from cinedit.data.buckets import aspect_sizes, mix_seed, resolution_side
 from cinedit.data.cache import read_empty_text
-from cinedit.data.dataset import CachedLatentDataset, VideoDataset
+from cinedit.data.dataset import CachedLatentDataset, MockLatentDataset, VideoDataset
 from cinedit.data.meta import read_meta
 from cinedit.data.sample import CLIPS, run_meta
 from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler
@@ -63,7 +65,7 @@ from cinedit.generator.model import PRESETS as MODEL_PRESETS
 from cinedit.generator.model import MMDiT, MMDiTConfig
 from cinedit.generator.parallel import ContextParallel, apply_activation_checkpointing
 from cinedit.generator.pipeline import Pipeline, save_pipeline
-from cinedit.generator.text import TextEncoder, load_text_encoder, text_identity
+from cinedit.generator.text import MINILM_MAX_LENGTH, TextEncoder, load_text_encoder, text_identity
 from cinedit.runtime import cli as runtime_cli
 from cinedit.runtime.booster import Booster, build_booster
 from cinedit.runtime.checkpoint import load_training, save_training
@@ -182,9 +184,34 @@ def _check_cached_suffix(key: str, text_m: dict, latent_m: dict, suffix: bool) -
         )
 
 
+def mock_text_dims(cfg: GeneratorTrainConfig) -> tuple[int, int]:
+    """(txt, vec) widths of `data.mock` text states: `data.mock_text_dims`, else the text kind's."""
+    txt, vec = cfg.data.mock_text_dims
+    default = TEXT_WIDTHS[cfg.text.kind]
+    return txt or default[0], vec or default[1]
+
+
+def mock_dataset(cfg: GeneratorTrainConfig, tokenizer: Any) -> MockLatentDataset:
+    """`data.mock`: random latents of every bucket's 16:9-nearest size and frame count, and random text states."""
+    dcfg, shapes = cfg.data, []
+    for res, frames in dcfg.buckets.table.items():
+        sizes = aspect_sizes(resolution_side(res), dcfg.buckets.multiple)
+        h, w = sizes[min(sizes, key=lambda r: abs(math.log(r * 16 / 9)))]
+        shapes += [(t, h, w) for t in sorted(frames)]
+    tokens = min(cfg.text.max_length, MINILM_MAX_LENGTH) if cfg.text.kind == "minilm" else cfg.text.max_length
+    try:
+        for shape in shapes:
+            tokenizer.latent_shape(*shape)
+    except ValueError as e:
+        raise ConfigError(f"data.mock: a bucket shape does not fit the tokenizer ({e})") from None
+    return MockLatentDataset(shapes, dcfg.mock_samples, tokenizer.latent_shape, tokens, mock_text_dims(cfg), dcfg.seed)
+
+
 def build_dataset(cfg: GeneratorTrainConfig, info: DistInfo, tokenizer: Any) -> Dataset:
-    """Cached latents + text embeddings, or decoded clips."""
+    """Cached latents + text embeddings, mock latents, or decoded clips."""
     dcfg = cfg.data
+    if dcfg.mock:
+        return mock_dataset(cfg, tokenizer)
     if dcfg.use_cache:
         try:
             ds = CachedLatentDataset(dcfg.cache_dir, dcfg.text_cache_dir or None)
@@ -251,7 +278,7 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         )
     try:
         # Cached latents need the tokenizer only for the pipeline folder: keep it off the GPU then.
-        tokenizer = load_tokenizer(cfg.tokenizer.path, "cpu" if cfg.data.use_cache else info.device)
+        tokenizer = load_tokenizer(cfg.tokenizer.path, "cpu" if cfg.data.use_cache or cfg.data.mock else info.device)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"tokenizer.path: {e}") from None
     if cfg.tokenizer.path == DEBUG_TOKENIZER and info.is_main:
@@ -260,6 +287,8 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
     text, empty = None, None
     if cfg.data.use_cache:
         empty = read_empty_text(cfg.data.text_cache_dir or cfg.data.cache_dir)
+    if cfg.data.mock:  # the empty prompt of random text states: zeros
+        empty = (torch.zeros(ds.text_tokens, ds.text_dims[0]), torch.zeros(ds.text_dims[1]))
     if empty is None:
         text = load_text_encoder(cfg.text)
         e = text.empty(1)
@@ -523,6 +552,10 @@ def validation_prompts(cfg: GeneratorTrainConfig, info: DistInfo, tokenizer: Any
     size take `train.sample_frames` and `train.sample_size`."""
     tc = cfg.train
     if not tc.sample_every:
+        return []
+    if cfg.data.mock:
+        if info.is_main:
+            print("cinedit generator train: data.mock: no validation samples (the model learns random latents)")
         return []
     if tc.sample_prompts == DEBUG_PROMPTS:
         texts = {c.name: c.text for c in CLIPS}
