@@ -59,3 +59,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def train_generator_debug(out: Path, meta: Path, steps: int, *extra: str) -> int:
+    """`cinedit generator train debug` on `meta` into `out`, checkpoints every 2 steps, no evaluation."""
+    from cinedit.cli import main
+
+    argv = ["generator", "train", "debug", f"--data.meta={meta}", f"--train.out_dir={out}", "--train.progress=false"]
+    return main([*argv, f"--train.steps={steps}", "--train.ckpt_every=2", "--train.eval_every=0", *extra])
+
+
+@pytest.fixture(scope="session")
+def debug_generator_run(sample_data, tmp_path_factory) -> Path:
+    """A finished 4-step `debug` generator run with checkpoints at steps 2 and 4 (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("generator_run") / "run"
+    assert train_generator_debug(out, sample_data[1], 4) == 0
+    return out

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from conftest import train_generator_debug as train
 from safetensors import safe_open
 
-from cinedit.cli import main
 from cinedit.configs.core import ConfigError
 from cinedit.runtime.checkpoint import CHECKSUMS, checkpoint_problem, resume_checkpoint, verify_checkpoint
 from cinedit.runtime.logs import read_metrics
@@ -20,15 +21,11 @@ from cinedit.runtime.logs import read_metrics
 SHARD = "model/model-00000-of-00001.safetensors"
 
 
-def train(out: Path, meta: Path, steps: int, *extra: str) -> int:
-    argv = ["generator", "train", "debug", f"--data.meta={meta}", f"--train.out_dir={out}", "--train.progress=false"]
-    return main([*argv, f"--train.steps={steps}", "--train.ckpt_every=2", "--train.eval_every=0", *extra])
-
-
 @pytest.fixture
-def run(sample_data, tmp_path) -> Path:
+def run(debug_generator_run, tmp_path) -> Path:
+    """A copy of the session's 4-step run (checkpoints at steps 2 and 4), for this test to damage."""
     out = tmp_path / "run"
-    assert train(out, sample_data[1], 4) == 0  # checkpoints at steps 2 and 4
+    shutil.copytree(debug_generator_run, out)
     return out
 
 

@@ -12,21 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import train_generator_debug as train
 
 from cinedit.cli import main
 from cinedit.runtime.checkpoint import checkpoint_problem, resume_checkpoint
 from cinedit.runtime.logs import read_metrics
 
 
-def train(out: Path, meta: Path, steps: int, *extra: str) -> int:
-    argv = ["generator", "train", "debug", f"--data.meta={meta}", f"--train.out_dir={out}", "--train.progress=false"]
-    return main([*argv, f"--train.steps={steps}", "--train.ckpt_every=2", "--train.eval_every=0", *extra])
-
-
 @pytest.fixture
-def run(sample_data, tmp_path) -> Path:
+def run(debug_generator_run, tmp_path) -> Path:
+    """A copy of the session's 4-step run (checkpoints at steps 2 and 4), for this test to damage."""
     out = tmp_path / "run"
-    assert train(out, sample_data[1], 4) == 0  # checkpoints at steps 2 and 4
+    shutil.copytree(debug_generator_run, out)
     assert checkpoint_problem(out / "ckpt" / "step-000004") is None
     return out
 
