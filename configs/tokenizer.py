@@ -44,6 +44,8 @@ class TokenizerModelConfig:
     # "" (random init), our model folder (save_pretrained), a release .safetensors file, or an image DC-AE
     # folder / hub id that diffusers' AutoencoderDC loads (inflated to 3D).
     init_from: str = ""
+    # Regional torch.compile (`VideoDCAE.compile_blocks`: each block on its own); on in the f32t4c128 preset.
+    compile: bool = False
 
     def validate(self) -> None:
         if self.preset not in DCAE_PRESETS:
@@ -175,7 +177,7 @@ def f32t4c128() -> TokenizerTrainConfig:
     Batch sizes per GPU (1 clip, 4 images) are our choice; the release does not state them.
     """
     return TokenizerTrainConfig(
-        model=TokenizerModelConfig(preset="f32t4c128"),
+        model=TokenizerModelConfig(preset="f32t4c128", compile=True),
         data=TokenizerDataConfig(buckets=BucketConfig(table={"256px": {1: (1.0, 4), 32: (1.0, 1)}}), num_workers=4),
         train=TokenizerLoopConfig(out_dir="runs/tokenizer_f32t4c128"),
     )

@@ -6,12 +6,16 @@ angle of every (token, frequency) pair, so it splits along l exactly like the to
 
 from __future__ import annotations
 
+import functools
+import importlib
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROPE_LAYOUTS = ("rotate_half", "interleaved")
 
@@ -88,10 +92,62 @@ def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     return (xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * scale
 
 
+# Attention kernels for CUDA tensors in bf16 / fp16, fastest first: FlashAttention-3 (`flash_attn_interface`, Hopper
+# GPUs), FlashAttention-2 (`flash_attn`), then PyTorch's SDPA preferring cuDNN, then flash, then memory-efficient.
+# fp32 and CPU tensors take SDPA. CINEDIT_ATTENTION=fa3|fa2|sdpa forces one (a missing package is an error).
+ATTENTION_BACKENDS = {"fa3": "flash_attn_interface", "fa2": "flash_attn", "sdpa": ""}
+CUDA_SDPA_ORDER = (
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+)
+
+
+@functools.cache
+def flash_function(backend: str):
+    """`flash_attn_func` of a FlashAttention package (`ATTENTION_BACKENDS`), or None when it is not installed."""
+    try:
+        return importlib.import_module(ATTENTION_BACKENDS[backend]).flash_attn_func
+    except (ImportError, AttributeError):
+        return None
+
+
+def attention_backend(device_type: str, dtype: torch.dtype) -> str:
+    """The kernel `attention` uses for tensors on `device_type` of `dtype`: fa3, fa2 or sdpa."""
+    forced = os.environ.get("CINEDIT_ATTENTION", "")
+    if forced:
+        if forced not in ATTENTION_BACKENDS:
+            raise ValueError(f"CINEDIT_ATTENTION={forced!r}: use one of {sorted(ATTENTION_BACKENDS)}")
+        if forced != "sdpa" and flash_function(forced) is None:
+            raise ValueError(f"CINEDIT_ATTENTION={forced}: the package {ATTENTION_BACKENDS[forced]} is not installed")
+        return forced
+    if device_type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        for backend in ("fa3", "fa2"):
+            if flash_function(backend) is not None:
+                return backend
+    return "sdpa"
+
+
+def flash_attention(fn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """A FlashAttention `flash_attn_func` on (b, heads, l, d) tensors -> (b, l, heads*d); it takes (b, l, heads, d)."""
+    out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    out = out[0] if isinstance(out, tuple) else out  # some FA3 releases also return the log-sum-exp
+    return rearrange(out, "b l n d -> b l (n d)")
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Full non-causal attention with scale 1/sqrt(d): (b, heads, l, d) -> (b, l, heads*d).
+    """Full non-causal attention with scale 1/sqrt(d): (b, heads, l, d) -> (b, l, heads*d), through the fastest
+    kernel at hand (`attention_backend`).
 
     Blocks call this through the module (`math.attention`), so context parallelism swaps this one function.
     """
-    x = F.scaled_dot_product_attention(q, k, v)
+    backend = attention_backend(q.device.type, q.dtype)
+    if backend != "sdpa":
+        return flash_attention(flash_function(backend), q, k, v)
+    if q.is_cuda and not torch.compiler.is_compiling():
+        with sdpa_kernel(list(CUDA_SDPA_ORDER), set_priority=True):
+            x = F.scaled_dot_product_attention(q, k, v)
+    else:
+        x = F.scaled_dot_product_attention(q, k, v)
     return rearrange(x, "b n l d -> b l (n d)")

@@ -370,6 +370,15 @@ class MMDiT(nn.Module):
             nn.init.zeros_(self.cond_in.weight)
             nn.init.zeros_(self.cond_in.bias)
 
+    def compile_blocks(self, **options) -> list[nn.Module]:
+        """Regional `torch.compile`: every double and single block compiled on its own, in place (`nn.Module.compile`,
+        so state-dict keys do not change). Compile time is that of a block or two (blocks of one kind share their
+        compiled code), not of the whole model, and the embedders, RoPE table and final layer stay eager."""
+        blocks = [*self.double_blocks, *self.single_blocks]
+        for block in blocks:
+            block.compile(**options)
+        return blocks
+
     def forward(
         self,
         img: Tensor,

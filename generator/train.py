@@ -311,6 +311,11 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         apply_lora(model, cfg.lora)
     if cfg.control.enabled:
         model = build_controlled(model, cfg)
+    if cfg.model.compile:
+        if cfg.control.enabled:
+            raise ConfigError("model.compile=true with control.enabled is not built (the adapter runs through hooks): "
+                              "pass --model.compile=false")
+        model.compile_blocks()
     ema = None
     if cfg.ema.enabled:
         ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)

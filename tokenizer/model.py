@@ -409,6 +409,16 @@ class VideoDCAE(nn.Module):
         self.decoder = Decoder(config)
         self.init_weights()
 
+    def compile_blocks(self, **options) -> list[nn.Module]:
+        """Regional `torch.compile`: every stage of the encoder and the decoder compiled on its own, in place
+        (`nn.Module.compile`: state-dict keys do not change). Stages, not blocks: blocks of one class share their
+        code, and their many widths would each be a recompile of it (Dynamo stops at 8 and runs the rest eagerly);
+        a stage is one graph per width."""
+        stages = [*self.encoder.stages, *self.decoder.stages]
+        for stage in stages:
+            stage.compile(**options)
+        return stages
+
     def init_weights(self) -> None:
         """Truncated normal (std 0.02) conv weights, zero biases, unit RMSNorm gains."""
         for m in self.modules():

@@ -206,6 +206,8 @@ def build_trainer(cfg: TokenizerTrainConfig, info: DistInfo) -> Trainer:
     loss_fn = build_reconstruction_loss(cfg.loss).to(info.device)
     model = build_model(cfg.model)
     ema = EMA(model, cfg.ema.decay, cfg.ema.warmup)
+    if cfg.model.compile:  # after the EMA copy, which stays eager
+        model.compile_blocks()
     ema.module.to(info.device)
     o = cfg.optim
     booster = build_booster(cfg.parallel, info)
