@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cinedit.configs.data import BucketConfig, DataConfig
@@ -172,12 +173,23 @@ class BucketBatchSampler:
         self._consumed = int(state["consumed"])
 
 
+def one_thread_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: one torch thread per worker process.
+
+    A worker inherits the parent's thread count (all cores), so `num_workers` workers plus the training process
+    would run (1 + num_workers) x cores threads and slow every torch process on the machine; decoding and resizing
+    a clip needs no intra-op parallelism.
+    """
+    torch.set_num_threads(1)
+
+
 class BucketLoader:
     """A torch DataLoader over a `BucketBatchSampler` whose `state_dict()` is at the batches actually yielded.
 
     DataLoader workers read the sampler ahead of the training loop, so the sampler's own position is
     past what was trained on; this wrapper counts yielded batches instead, and re-seats the sampler at
-    that position whenever iteration (re)starts. Resume therefore works with any num_workers.
+    that position whenever iteration (re)starts. Resume therefore works with any num_workers. Each worker
+    runs one torch thread (`one_thread_worker`).
     """
 
     def __init__(
@@ -199,6 +211,7 @@ class BucketLoader:
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             pin_memory=pin_memory,
             persistent_workers=persistent_workers and num_workers > 0,
+            worker_init_fn=one_thread_worker if num_workers > 0 else None,
         )
         self._state = sampler.state_dict()
 

@@ -5,12 +5,27 @@ from __future__ import annotations
 import json
 import shutil
 
+import pandas as pd
 import pytest
+import torch
 
 from cinedit.cli import main
-from cinedit.demo.plan import STAGES, Plan, every
+from cinedit.configs.data import BucketConfig
+from cinedit.data.sampler import BucketBatchSampler, build_dataloader
+from cinedit.demo import run as demo_run
+from cinedit.demo.plan import (
+    MAX_TOKENIZER_STEPS,
+    MIN_STEPS,
+    TRAINED,
+    Plan,
+    derive_steps,
+    every,
+    run_seconds,
+    torch_threads,
+)
 
-# The smallest --minutes: every stage runs 2-5 steps, so the test measures the plumbing, not the learning.
+# A 3-second budget: the calibration alone overruns it, so every run gets its minimum steps (the test measures the
+# plumbing, calibration included, not the learning).
 TINY = ["--minutes", "0.05", "--device", "cpu"]
 
 
@@ -21,12 +36,135 @@ def finished(tmp_path_factory):
     return out
 
 
-def test_plan_follows_minutes_alone():
-    a, b = Plan.make(0.05), Plan.make(0.05)
-    assert a == b and a.tokenizer_steps >= 2 and min(a.stage_steps.values()) >= 2
-    full = Plan.make()
-    assert full.tokenizer_steps > 20 * a.tokenizer_steps and set(full.stage_steps) == set(STAGES)
+# Calibrated costs of the shape a 2-core CPU measures (seconds).
+COSTS = {
+    "tokenizer": {"setup_s": 4.0, "step_s": 0.6, "eval_s": 2.0, "sample_s": 1.5, "save_s": 0.2},
+    "stage1": {"setup_s": 5.0, "step_s": 0.03, "eval_s": 0.3, "sample_s": 1.0, "save_s": 0.3},
+    "stage2": {"setup_s": 5.0, "step_s": 0.03, "eval_s": 0.3, "sample_s": 1.0, "save_s": 0.3},
+    "stage3": {"setup_s": 6.0, "step_s": 0.05, "eval_s": 0.4, "sample_s": 1.2, "save_s": 0.3},
+}
+
+
+def test_smaller_budget_gives_fewer_steps_that_fit():
     assert every(5, 10) == 1 and every(1000, 10) == 100
+    plans = {s: derive_steps(COSTS, s) for s in (30.0, 150.0, 400.0, 2000.0)}
+    assert plans[400.0] == derive_steps(COSTS, 400.0)  # pure: no clock, no state
+    assert set(plans[30.0]) == set(TRAINED)
+    for small, big in ((30.0, 150.0), (150.0, 400.0), (400.0, 2000.0)):
+        assert all(plans[small][k] <= plans[big][k] for k in TRAINED), (plans[small], plans[big])
+        assert sum(plans[small].values()) < sum(plans[big].values())
+    for seconds in (150.0, 400.0, 2000.0):
+        assert sum(run_seconds(COSTS[k], plans[seconds][k]) for k in TRAINED) <= seconds
+    # Below the overheads: the minimum counts; far above: the tokenizer stops at its cap, the generator gets the rest.
+    assert plans[30.0] == {k: MIN_STEPS[k] for k in TRAINED} == derive_steps(COSTS, -5.0)
+    assert derive_steps(COSTS, 1e5)["tokenizer"] == MAX_TOKENIZER_STEPS
+    # The tokenizer keeps its share of the step time: about 64% at 400 s.
+    step_time = {k: plans[400.0][k] * COSTS[k]["step_s"] for k in TRAINED}
+    assert 0.55 < step_time["tokenizer"] / sum(step_time.values()) < 0.7
+
+
+def test_plan_json_is_written_and_read_back(finished):
+    out = finished
+    doc = json.loads((out / "plan.json").read_text())
+    plan = Plan.read(out / "plan.json")
+    assert plan.steps == doc["steps"] and plan.seed == 42 and plan.device == "cpu" and plan.minutes == 0.05
+    assert json.loads((out / "demo.json").read_text())["plan"] == plan.identity()
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json())), "again") == plan
+    # The calibration: every trained run timed, the machine, the budget and what was estimated for it.
+    runs = doc["calibration"]["runs"]
+    assert set(runs) == set(TRAINED) and all(r["step_s"] > 0 for r in runs.values())
+    assert doc["machine"]["cores"] >= 1 and doc["threads"] == doc["machine"]["torch_threads"] >= 1
+    assert doc["machine"]["torch_threads"] * (1 + doc["machine"]["data_workers"]) <= max(1, doc["machine"]["cores"])
+    assert doc["budget_s"] == 3.0 and doc["estimate_s"]["total"] > 0
+    # 3 seconds fit no calibration: every count is its minimum.
+    assert doc["steps"] == {**{k: MIN_STEPS[k] for k in TRAINED}, "sample": MIN_STEPS["sample"]}
+    report = (out / "report.md").read_text()
+    assert "calibrated on this machine" in report and "planned (s)" in report and "calibrated s / step" in report
+    assert not (out / "calibration").exists()
+
+
+def test_plan_file_replays_its_steps_without_calibrating(finished, tmp_path, monkeypatch):
+    plan = Plan.read(finished / "plan.json")
+    changed = {**plan.to_json(), "steps": {**plan.steps, "stage3": 7, "tokenizer": 5}, "seed": 3, "threads": 1}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(changed))
+    seen = {}
+
+    def fake_run_demo(out, request, given, started, load):
+        seen.update(request=request, plan=given)
+        return out / "report.md"
+
+    monkeypatch.setattr(demo_run, "run_demo", fake_run_demo)
+    monkeypatch.setattr(demo_run, "calibrate_plan", lambda *a: pytest.fail("calibrated despite --plan"))
+    assert main(["demo", "--out", str(tmp_path / "run"), "--plan", str(path)]) == 0
+    given = seen["plan"]
+    assert given.steps == {**plan.steps, "stage3": 7, "tokenizer": 5} and given.seed == 3 and given.threads == 1
+    assert seen["request"]["seed"] == 3 and given.source.startswith(f"replayed from {path}")
+    # The plan fixes the seed (and device); a contradicting flag is an error, not a silent override.
+    assert main(["demo", "--out", str(tmp_path / "run2"), "--plan", str(path), "--seed", "4"]) == 2
+
+
+def plan_doc(steps=None, **fields) -> str:
+    counts = {"tokenizer": 2, "stage1": 2, "stage2": 2, "stage3": 2, "sample": 2, **(steps or {})}
+    return json.dumps({"seed": 1, "steps": counts, **fields})
+
+
+BAD_PLANS = [
+    ("{not json", "not JSON"),
+    ("[1, 2]", "a plan is a JSON object"),
+    ('{"seed": 1}', "missing key(s) steps"),
+    ('{"seed": 1, "steps": {"tokenizer": 5}}', "steps lacks stage1, stage2, stage3, sample"),
+    (plan_doc({"stage1": "ten"}), "steps.stage1 must be an integer >= 2, got 'ten'"),
+    (plan_doc({"tokenizer": 1.5}), "steps.tokenizer must be an integer >= 2, got 1.5"),
+    (plan_doc({"stage3": 0}), "steps.stage3 must be an integer >= 2, got 0"),
+    (plan_doc({"stage4": 2}), "unknown step count(s) stage4"),
+    (plan_doc({"sample": float("nan")}), "steps.sample must be an integer >= 2, got nan"),
+    (plan_doc(seed=-1), "seed must be an integer >= 0"),
+    (plan_doc(threads=0), "threads must be an integer >= 1"),
+    (plan_doc(device="tpu"), "device must be one of auto, cpu, cuda"),
+    (plan_doc(minutes="ten"), "minutes must be a positive number"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_PLANS, ids=[m.split(" ")[0] for _, m in BAD_PLANS])
+def test_bad_plan_file_is_a_clear_error(tmp_path, capsys, content, message):
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    out = tmp_path / "run"
+    assert main(["demo", "--out", str(out), "--plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cinedit demo: error: {path}") and message in err, err
+    assert not out.exists()
+
+
+def test_missing_plan_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "run"), "--plan", str(tmp_path / "none.json")]) == 2
+    assert "no such plan file" in capsys.readouterr().err
+
+
+class ThreadsSeen(torch.utils.data.Dataset):
+    def __init__(self, meta):
+        self.meta = meta
+
+    def __len__(self):
+        return len(self.meta)
+
+    def __getitem__(self, item):
+        return {"threads": torch.get_num_threads()}
+
+
+def test_torch_threads_leave_cores_to_workers_and_neighbours():
+    assert torch_threads(0, cores=2) == 2 and torch_threads(1, cores=2) == 1 and torch_threads(3, cores=16) == 4
+    assert torch_threads(0, cores=2, load=1.7) == 1 and torch_threads(0, cores=8, load=3.2) == 5
+    assert torch_threads(0, cores=2, load=9.0) == 1 and torch_threads(0, cores=1) == 1
+
+
+def test_loader_workers_run_one_torch_thread():
+    meta = pd.DataFrame({"path": ["a.png"] * 4, "num_frames": [1] * 4, "height": [64] * 4, "width": [64] * 4})
+    meta["fps"] = 0.0
+    sampler = BucketBatchSampler(meta, BucketConfig(table={"64px": {1: (1.0, 2)}}))
+    loader = build_dataloader(ThreadsSeen(meta), sampler, num_workers=1, collate_fn=lambda items: items)
+    assert [item["threads"] for batch in loader for item in batch] == [1, 1, 1, 1]
 
 
 def test_demo_writes_the_report(finished):
@@ -64,7 +202,7 @@ def test_interrupted_demo_resumes(finished, capsys):
     before = (out / "samples" / "inpaint").glob("0000_*.mp4").__next__().read_bytes()
     # The last stage killed after its next-to-last checkpoint: no final model yet, nothing after it made.
     last = out / "generator_stage3"
-    steps = Plan.make(0.05).stage_steps["stage3"]
+    steps = Plan.read(out / "plan.json").stage_steps["stage3"]
     *_, previous, final = sorted(p.name for p in (last / "ckpt").glob("step-*"))
     assert final == f"step-{steps:06d}"
     shutil.rmtree(last / "model")
@@ -78,6 +216,7 @@ def test_interrupted_demo_resumes(finished, capsys):
     assert main(["demo", "--out", str(out), *TINY]) == 0
     log = capsys.readouterr().out
     assert "reusing the sample data" in log and "reusing the trained tokenizer" in log
+    assert "calibration:" not in log and "plan: " in log  # the run's own plan.json, never re-calibrated
     assert "reusing the trained generator" in log and f"reusing the cache in {out / 'cache' / 'stage3'}" in log
     assert f"from its checkpoint at step {int(previous[5:])} of {steps}" in log
     assert "reusing " + str(out / "samples" / "t2v") in log

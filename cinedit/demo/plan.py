@@ -1,19 +1,37 @@
-"""What a demo run does: its step counts (from --minutes alone), stages, sample settings and file names."""
+"""What a demo run does: its plan (step counts fitted to --minutes by a calibration, or replayed from --plan),
+stages, sample settings and file names.
+
+A plan is chosen once per run directory and written to `<out>/plan.json`; every later call (a resumed demo, or
+`--plan FILE` elsewhere) replays its step counts, seed and torch threads, so the results never depend on the clock
+once the plan is fixed. `derive_steps` is the pure half of the calibration: measured costs + budget -> step counts.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from cinedit.generator.generate import output_size
 
 DEFAULT_MINUTES = 10.0
-# Step counts for about 10 minutes on an idle 2-core CPU. Measured at load 2 (demo.json of a default run): ~30 s of
-# fixed work, the tokenizer 0.23 s a step, the generator stages 0.016 / 0.017 / 0.024 s a step. The tokenizer's
-# held-out PSNR flattens after a few hundred steps, so much of the time goes to the generator. --minutes scales
-# every count linearly (with a floor); the counts never depend on the clock.
-STEPS_AT_DEFAULT = {"tokenizer": 1600, "stage1": 2000, "stage2": 2000, "stage3": 6000, "sample": 25}
+DEFAULT_SEED = 42
+DEVICES = ("auto", "cpu", "cuda")
+TRAINED = ("tokenizer", "stage1", "stage2", "stage3")
+# The share of the training steps' time (setup, evaluations, samples and checkpoints are budgeted apart) each run
+# gets: those of the old fixed counts (1600 / 2000 / 2000 / 6000 steps at 0.23 / 0.016 / 0.017 / 0.024 s a step).
+TIME_SHARES = {"tokenizer": 0.64, "stage1": 0.055, "stage2": 0.055, "stage3": 0.25}
+# The tokenizer's held-out PSNR flattens after a few hundred steps (it overfits the 7 clips): past this count a
+# fast machine gives its time to the generator stages instead.
+MAX_TOKENIZER_STEPS = 1600
 MIN_STEPS = {"tokenizer": 2, "stage1": 2, "stage2": 2, "stage3": 2, "sample": 2}
+SAMPLE_STEPS_AT_DEFAULT = 25  # sampling steps of the samples at --minutes 10 (scaled with --minutes, floor 2)
+MARGIN = 0.85  # plan for this share of --minutes: phases run slower than their few calibration steps foretell
+PLAN_FORMAT = "cinedit-demo-plan/1"
 
 TOKENIZER_PRESET = "debug"
 # The generator chain: stage -> (preset, demo-only overrides); each stage starts from the previous one's final model.
@@ -40,12 +58,14 @@ INPAINT_MASK = "frames:4-7"  # keep the first latent frame, regenerate the secon
 
 TOKENIZER_DIR, CACHE_DIR, SAMPLES_DIR, EVAL_DIR = "tokenizer", "cache", "samples", "eval"
 SCALED_TOKENIZER = "tokenizer_scaled"  # the trained tokenizer with its measured latent scale: what the generator uses
-STATE_FILE, REPORT_FILE = "demo.json", "report.md"
+STATE_FILE, REPORT_FILE, PLAN_FILE = "demo.json", "report.md", "plan.json"
+CALIBRATION_DIR = "calibration"  # the calibration's throwaway runs (removed when done)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What a demo run does: step counts from --minutes, the seed and the device."""
+    """What a demo run does. `seed`, `device`, `threads` and the step counts fix its results; `minutes` (the budget
+    it was fitted to), `source` and `info` (measured costs, estimates, the machine) only describe it."""
 
     minutes: float
     seed: int
@@ -53,13 +73,178 @@ class Plan:
     tokenizer_steps: int
     stage_steps: dict[str, int]
     sample_steps: int
+    threads: int = 1
+    source: str = field(default="", compare=False)
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def steps(self) -> dict[str, int]:
+        return {"tokenizer": self.tokenizer_steps, **self.stage_steps, "sample": self.sample_steps}
+
+    def identity(self) -> dict[str, Any]:
+        """What a replay must match: seed, device, torch threads and every step count."""
+        return {"seed": self.seed, "device": self.device, "threads": self.threads, "steps": self.steps}
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {"format": PLAN_FORMAT, "minutes": self.minutes, **self.identity(), "source": self.source}
+        return {**doc, **self.info}
 
     @classmethod
-    def make(cls, minutes: float = DEFAULT_MINUTES, seed: int = 42, device: str = "auto") -> Plan:
-        def n(key: str) -> int:
-            return max(MIN_STEPS[key], round(STEPS_AT_DEFAULT[key] * minutes / DEFAULT_MINUTES))
+    def from_steps(
+        cls,
+        steps: dict[str, int],
+        minutes: float = DEFAULT_MINUTES,
+        seed: int = DEFAULT_SEED,
+        device: str = "auto",
+        threads: int = 1,
+        source: str = "",
+        info: dict[str, Any] | None = None,
+    ) -> Plan:
+        stages = {s: int(steps[s]) for s in STAGES}
+        return cls(
+            minutes, seed, device, int(steps["tokenizer"]), stages, int(steps["sample"]), threads, source, info or {}
+        )
 
-        return cls(minutes, seed, device, n("tokenizer"), {s: n(s) for s in STAGES}, n("sample"))
+    @classmethod
+    def from_json(cls, doc: Any, where: str) -> Plan:
+        """A plan from a `plan.json` document; a PlanError naming `where` and the field when it is not one."""
+        if not isinstance(doc, dict):
+            raise PlanError(f"{where}: a plan is a JSON object, got {type(doc).__name__}")
+        missing = [k for k in ("seed", "steps") if k not in doc]
+        if missing:
+            raise PlanError(f"{where}: missing key(s) {', '.join(missing)} (a plan holds seed, device, threads, steps)")
+        steps = doc["steps"]
+        if not isinstance(steps, dict):
+            raise PlanError(f"{where}: steps must be an object with {', '.join(MIN_STEPS)}, got {steps!r}")
+        lacking = [k for k in MIN_STEPS if k not in steps]
+        if lacking:
+            raise PlanError(f"{where}: steps lacks {', '.join(lacking)} (needs {', '.join(MIN_STEPS)})")
+        unknown = sorted(set(steps) - set(MIN_STEPS))
+        if unknown:
+            raise PlanError(f"{where}: unknown step count(s) {', '.join(unknown)} (known: {', '.join(MIN_STEPS)})")
+        counts = {k: _int(steps[k], f"{where}: steps.{k}", MIN_STEPS[k]) for k in MIN_STEPS}
+        seed = _int(doc["seed"], f"{where}: seed", 0)
+        device = doc.get("device", "auto")
+        if device not in DEVICES:
+            raise PlanError(f"{where}: device must be one of {', '.join(DEVICES)}, got {device!r}")
+        threads = _int(doc["threads"], f"{where}: threads", 1) if "threads" in doc else torch_threads()
+        minutes = doc.get("minutes", DEFAULT_MINUTES)
+        if (
+            isinstance(minutes, bool)
+            or not isinstance(minutes, (int, float))
+            or not math.isfinite(minutes)
+            or minutes <= 0
+        ):
+            raise PlanError(f"{where}: minutes must be a positive number, got {minutes!r}")
+        info = {
+            k: v
+            for k, v in doc.items()
+            if k not in ("format", "minutes", "seed", "device", "threads", "steps", "source")
+        }
+        return cls.from_steps(counts, float(minutes), seed, device, threads, str(doc.get("source", "")), info)
+
+    @classmethod
+    def read(cls, path: Path) -> Plan:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such plan file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path}: cannot read it ({e})") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{path}: not JSON ({e})") from None
+        return cls.from_json(doc, str(path))
+
+
+def _int(value: Any, what: str, minimum: int) -> int:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value != int(value) or value < minimum:
+        raise PlanError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def sample_steps(minutes: float) -> int:
+    """Sampling steps of the three samples: 25 at the default --minutes, scaled with it (floor 2)."""
+    return max(MIN_STEPS["sample"], round(SAMPLE_STEPS_AT_DEFAULT * minutes / DEFAULT_MINUTES))
+
+
+def torch_threads(workers: int = 0, cores: int | None = None, load: float = 0.0) -> int:
+    """Torch threads for a process with `workers` DataLoader workers (one thread each) on a machine whose other
+    processes keep `load` cores busy (the load average before the demo started): threads x (1 + workers) stays
+    within the cores, and within the idle ones. More threads than free cores make every parallel region wait for a
+    descheduled thread: on a loaded 2-core machine one thread runs a conv3d step 2x faster than two."""
+    cores = cores or os.cpu_count() or 1
+    free = max(1, cores - math.floor(load + 0.5))
+    return max(1, min(cores // (1 + workers), free))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the cost model: measured seconds -> step counts
+
+
+def run_intervals(steps: int) -> dict[str, int]:
+    """The intervals every demo training run takes (see `run.run_args`)."""
+    return {"eval_every": every(steps, 10), "ckpt_every": every(steps, 8), "sample_every": every(steps, 3)}
+
+
+def run_seconds(cost: dict[str, float], steps: int) -> float:
+    """Estimated wall time of a training run of `steps` steps from its calibration: setup (and export), the steps,
+    the evaluations (at step 0 and every eval_every), validation samples and checkpoints (and the last one)."""
+    iv = run_intervals(steps)
+    evals = 1 + steps // iv["eval_every"]
+    samples = steps // iv["sample_every"]
+    saves = steps // iv["ckpt_every"] + (steps % iv["ckpt_every"] != 0)
+    return (
+        cost["setup_s"]
+        + steps * cost["step_s"]
+        + evals * cost["eval_s"]
+        + samples * cost["sample_s"]
+        + saves * cost["save_s"]
+    )
+
+
+def derive_steps(costs: dict[str, dict[str, float]], seconds: float) -> dict[str, int]:
+    """Step counts of the trained runs (`TRAINED`) whose estimated wall time (`run_seconds`) fits `seconds`.
+
+    The time left after each run's overheads (at the step counts chosen) is split by `TIME_SHARES`; each count is
+    at least `MIN_STEPS` (so a budget below the overheads gives the minimum counts) and the tokenizer's at most
+    `MAX_TOKENIZER_STEPS` (its surplus goes to the generator stages). Pure: the same inputs give the same counts.
+    """
+
+    def counts(pool: float) -> dict[str, int]:
+        share = dict(TIME_SHARES)
+        out = {}
+        tok = costs["tokenizer"]["step_s"]
+        if pool * share["tokenizer"] > MAX_TOKENIZER_STEPS * tok:  # its surplus to the generator, by their shares
+            extra, share["tokenizer"] = (
+                share["tokenizer"] - MAX_TOKENIZER_STEPS * tok / pool,
+                MAX_TOKENIZER_STEPS * tok / pool,
+            )
+            rest = sum(TIME_SHARES[k] for k in TRAINED if k != "tokenizer")
+            for k in TRAINED[1:]:
+                share[k] += extra * TIME_SHARES[k] / rest
+        for k in TRAINED:
+            n = math.floor(max(0.0, pool) * share[k] / max(costs[k]["step_s"], 1e-9) + 1e-9)
+            out[k] = max(MIN_STEPS[k], n)
+        out["tokenizer"] = min(out["tokenizer"], max(MIN_STEPS["tokenizer"], MAX_TOKENIZER_STEPS))
+        return out
+
+    def overheads(steps: dict[str, int]) -> float:
+        return sum(run_seconds(costs[k], steps[k]) - steps[k] * costs[k]["step_s"] for k in TRAINED)
+
+    def total(steps: dict[str, int]) -> float:
+        return sum(run_seconds(costs[k], steps[k]) for k in TRAINED)
+
+    # The overheads depend (a little) on the counts, through the intervals: a few rounds settle them, then shrink
+    # the pool until the total fits (or every count is at its floor).
+    pool = seconds - overheads({k: 10**6 for k in TRAINED})
+    for _ in range(4):
+        pool = seconds - overheads(counts(pool))
+    steps = counts(pool)
+    while total(steps) > seconds and any(steps[k] > MIN_STEPS[k] for k in TRAINED):
+        pool -= max(1e-3, 0.05 * abs(pool), total(steps) - seconds)
+        steps = counts(pool)
+    return steps
 
 
 def every(steps: int, times: int) -> int:
@@ -75,8 +260,8 @@ class DemoError(RuntimeError):
     """A run directory the demo cannot use as asked; the message says what to do."""
 
 
-def _settings(plan: dict) -> str:
-    return f"--minutes {plan.get('minutes')} --seed {plan.get('seed')} --device {plan.get('device')}"
+class PlanError(DemoError):
+    """A --plan file that is not a usable plan; the message names the file and the field."""
 
 
 def command_line(prog: str, argv: list[str]) -> str:
@@ -84,5 +269,4 @@ def command_line(prog: str, argv: list[str]) -> str:
 
 
 def sample_size() -> tuple[int, int]:
-
     return output_size(SAMPLE_RESOLUTION, SAMPLE_ASPECT)

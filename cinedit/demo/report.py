@@ -17,6 +17,7 @@ from cinedit.runtime.logs import read_metrics
 
 PHASES = {
     "data": "sample data, curation, loader epoch, decoding speed",
+    "calibration": "calibration (a few timed steps of each run)",
     "recon": "held-out reconstructions (start, end, baseline)",
     "tokenizer": "tokenizer training",
     "calibrate": "tokenizer latent scale",
@@ -27,6 +28,7 @@ PHASES = {
     "samples": "sampling (3 videos)",
     "eval": "temporal flickering",
 }
+PLANNED_EXTRA = {"report": "drawing this report", "other": "start-up and between the phases"}
 SHEET_FRAMES = 8  # frames shown per sample row (every other frame of 16)
 
 
@@ -159,11 +161,13 @@ def _image_note(stats: dict) -> str:
     )
 
 
-def timing_rows(state: dict) -> tuple[list[str], float]:
-    """The timings table and the total seconds over every phase and every (resumed) call."""
+def timing_rows(state: dict, planned: dict[str, float] | None = None) -> tuple[list[str], float]:
+    """The timings table (with the plan's estimate per phase, when it has one) and the total seconds over every
+    phase and every (resumed) call."""
+    planned = planned or {}
     lines = [
-        "| phase | wall time (s) | steps | s / step | calls | load avg (1 min) after |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| phase | planned (s) | wall time (s) | steps | s / step | calls | load avg (1 min) after |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     total = 0.0
     for key, runs in state["phases"].items():
@@ -171,9 +175,45 @@ def timing_rows(state: dict) -> tuple[list[str], float]:
         total += seconds
         per_step = f"{seconds / steps:.3f}" if steps else ""
         name = PHASES.get(key, key)
-        lines.append(f"| {name} | {seconds:.1f} | {steps or ''} | {per_step} | {len(runs)} | {runs[-1]['load']:.2f} |")
-    lines.append(f"| **total** | **{total:.1f}** | | | | |")
+        plan = f"{planned[key]:.1f}" if key in planned else ""
+        load = f"{runs[-1]['load']:.2f}"
+        lines.append(f"| {name} | {plan} | {seconds:.1f} | {steps or ''} | {per_step} | {len(runs)} | {load} |")
+    for key, name in PLANNED_EXTRA.items():
+        if key in planned and key not in state["phases"]:
+            lines.append(f"| {name} | {planned[key]:.1f} | | | | | |")
+    plan_total = f"**{planned['total']:.1f}**" if "total" in planned else ""
+    lines.append(f"| **total** | {plan_total} | **{total:.1f}** | | | | |")
     return lines, total
+
+
+def plan_rows(plan: Any) -> list[str]:
+    """The plan: where it came from, the budget, the machine, and per run its steps and calibrated costs."""
+    info = plan.info
+    lines = [f"Plan (`plan.json`): {plan.source or 'given'}."]
+    if "budget_s" in info:
+        lines[0] += (
+            f" Budget --minutes {plan.minutes:g} ({info['budget_s']:.0f} s), planned for {info['target_s']:.0f} s; "
+            f"estimated {info['estimate_s']['total']:.0f} s."
+        )
+    m = info.get("machine")
+    if m:
+        lines[0] += (
+            f" Machine: {m['cores']} cores, {m['torch_threads']} torch thread(s), {m['data_workers']} data "
+            f"workers; load average {m['load_before']:.2f} at the start, {m['load_1min']:.2f} after the calibration."
+        )
+    lines[0] += f" Seed {plan.seed}, device {plan.device}, {plan.threads} torch thread(s)."
+    runs = info.get("calibration", {}).get("runs", {})
+    lines += ["", "| run | steps | calibrated s / step | setup (s) | eval (s) | sample (s) | checkpoint (s) |"]
+    lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for key, n in plan.steps.items():
+        c = runs.get(key)
+        costs = (
+            f"{c['step_s']:.3f} | {c['setup_s']:.1f} | {c['eval_s']:.2f} | {c['sample_s']:.2f} | {c['save_s']:.2f}"
+            if c
+            else " | | | | "
+        )
+        lines.append(f"| {'sampling steps' if key == 'sample' else key} | {n} | {costs} |")
+    return lines
 
 
 def write_report(out: Path, ctx: dict[str, Any]) -> Path:
@@ -183,7 +223,7 @@ def write_report(out: Path, ctx: dict[str, Any]) -> Path:
     tok_png = tokenizer_curves(ctx["tokenizer_dir"], out / "tokenizer_curves.png")
     gen_png = generator_curves(ctx["stages"], out / "generator_curves.png")
     sheet_png = sample_sheet(ctx["samples"], sample_size(), out / "samples.png")
-    timings, total = timing_rows(ctx["state"])
+    timings, total = timing_rows(ctx["state"], plan.info.get("estimate_s"))
     start, end = (
         json.loads((out / "eval" / f"recon_{k}" / "recon.json").read_text())["mean"] for k in ("start", "end")
     )
@@ -197,16 +237,19 @@ def write_report(out: Path, ctx: dict[str, Any]) -> Path:
     lines = [
         "# cinedit demo report",
         "",
-        f"`cinedit demo --minutes {plan.minutes:g} --seed {plan.seed} --device {plan.device}`: the two-stage "
+        f"`{ctx.get('command', 'cinedit demo')}`: the two-stage "
         f"(tokenizer, then generator) pipeline on the bundled sample data, with the project's own commands (their "
         f"command lines are below). Wall time {total:.0f} s over all phases (and calls, when resumed) on {cores} "
         f"CPU core(s); the load average after each phase is in the table (other processes inflate the times).",
         "",
-        "## Timings",
+        "## Plan and timings",
+        "",
+        *plan_rows(plan),
         "",
         *timings,
         "",
-        "Training steps include the trainers' setup, evaluations and checkpoints.",
+        "Training steps include the trainers' setup, evaluations and checkpoints. `cinedit demo --plan plan.json` "
+        "replays this plan (its step counts, seed and torch threads) without calibrating.",
         "",
         "## 1. Data",
         "",
@@ -320,8 +363,8 @@ def write_report(out: Path, ctx: dict[str, Any]) -> Path:
         "## Re-running",
         "",
         "Run the same command again to resume an interrupted demo (finished steps are reused, the trainers continue "
-        "from their last checkpoint); a finished demo asks for `--overwrite`. `demo.json` holds the plan and the "
-        "timings of every call.",
+        "from their last checkpoint, with the same plan); a finished demo asks for `--overwrite`. `plan.json` holds "
+        "the plan, `demo.json` the timings of every call.",
         "",
     ]
     return write_text(out / "report.md", "\n".join(lines))

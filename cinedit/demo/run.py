@@ -13,14 +13,25 @@
 7. report: figures, curves and pictures in `<out>/report.md`.
 
 Every stage runs the project's own commands with a preset and `--section.field=value` overrides, and the report
-lists those command lines. Step counts follow from `--minutes` alone (never from the clock), so a seed gives one
-result. Each step skips work whose output is complete and the trainers continue from their last checkpoint, so
-a killed demo re-run with the same command finishes without starting over; a finished one asks for --overwrite.
+lists those command lines.
+
+The budget: after the data step and the untrained tokenizer's scores, a calibration (about a minute on 2 cores)
+times a few real training steps of every trained run, one checkpoint, evaluation and sample of each, the latent
+cache and one sample video; the step counts are then chosen so that the whole demo, calibration included, is
+estimated to take 85% of --minutes (each at least 2 steps, the tokenizer at most 1600). The chosen plan (step
+counts, measured costs, the machine) goes to `<out>/plan.json` and into report.md. `--plan FILE` (a plan.json of
+an earlier run) skips the calibration and replays its step counts, seed and torch threads: the same plan gives the
+same results, whatever the clock says. Torch runs cores / (1 + data workers) threads (each data worker one).
+
+Each step skips work whose output is complete and the trainers continue from their last checkpoint, so a killed
+demo re-run with the same command finishes without starting over, with the plan it had chosen; a finished one asks
+for --overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -28,11 +39,11 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from cinedit.cli import group_main
@@ -47,14 +58,20 @@ from cinedit.data.sampler import build_dataloader, build_sampler
 from cinedit.data.video import to_uint8
 from cinedit.demo import report as demo_report
 from cinedit.demo import tokenizer as demo_tokenizer
+from cinedit.demo.calibrate import CALIBRATION_STEPS, calibration_overrides, throwaway, time_run
 from cinedit.demo.plan import (
     CACHE_DIR,
+    CALIBRATION_DIR,
     DEFAULT_MINUTES,
+    DEFAULT_SEED,
+    DEVICES,
     EVAL_DIR,
     FPS,
     I2V_PHOTO,
     INPAINT_CLIP,
     INPAINT_MASK,
+    MARGIN,
+    PLAN_FILE,
     REPORT_FILE,
     SAMPLE_ASPECT,
     SAMPLE_FRAMES,
@@ -70,11 +87,15 @@ from cinedit.demo.plan import (
     TOKENIZER_PRESET,
     DemoError,
     Plan,
-    _settings,
+    PlanError,
     command_line,
+    derive_steps,
     every,
     header,
+    run_seconds,
     sample_size,
+    sample_steps,
+    torch_threads,
 )
 from cinedit.eval.figures import save_png
 from cinedit.eval.vbench import temporal_flickering
@@ -88,20 +109,34 @@ from cinedit.tokenizer import train as tokenizer_train
 
 
 class Run:
-    """The run directory, its plan and `demo.json`: per phase, the wall time, steps and load of each attempt."""
+    """The run directory, its plan and `demo.json`: what was asked, the plan, per phase the wall time, steps and
+    load of each attempt. `plan` is None until the calibration (or --plan) has chosen it."""
 
-    def __init__(self, out: Path, plan: Plan):
-        self.out, self.plan = out, plan
+    def __init__(self, out: Path, request: dict[str, Any], plan: Plan | None):
+        self.out, self.request, self.plan = out, request, plan
         self.state_path = out / STATE_FILE
-        self.state = {"plan": asdict(plan), "phases": {}}
+        self.state: dict[str, Any] = {"request": request, "plan": None, "phases": {}}
         if self.state_path.is_file():
-            saved = json.loads(self.state_path.read_text())
-            if saved.get("plan") != self.state["plan"]:
-                raise DemoError(
-                    f"{out} holds a demo run with other settings ({_settings(saved.get('plan', {}))}); re-run it "
-                    f"with those, or pass --overwrite to start again with {_settings(self.state['plan'])}"
-                )
-            self.state = saved
+            self.state["phases"] = json.loads(self.state_path.read_text()).get("phases", {})
+        if plan is not None:
+            self.set_plan(plan)
+        out.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    @property
+    def seed(self) -> int:
+        return self.plan.seed if self.plan is not None else self.request["seed"]
+
+    @property
+    def device(self) -> str:
+        return self.plan.device if self.plan is not None else self.request["device"]
+
+    def set_plan(self, plan: Plan) -> None:
+        self.plan = plan
+        self.state["plan"] = plan.identity()
+        if not (self.out / PLAN_FILE).is_file():
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / PLAN_FILE, plan.to_json())
         self.save()
 
     def save(self) -> None:
@@ -160,7 +195,7 @@ def run_data(run: Run) -> dict[str, Any]:
         print(f"{len(df)} of {len(read_meta(meta))} rows kept")
 
         header("data: buckets and the resumable loader, one epoch")
-        cfg = DataConfig(meta=str(filtered), buckets=demo_buckets(), num_workers=0, seed=run.plan.seed)
+        cfg = DataConfig(meta=str(filtered), buckets=demo_buckets(), num_workers=0, seed=run.seed)
         save_config(cfg, data_dir, name="loader_config.json", preset="demo")
         dataset = VideoDataset(df, cfg)
         loader = build_dataloader(dataset, build_sampler(dataset, cfg), num_workers=cfg.num_workers)
@@ -211,26 +246,27 @@ def _save_sheet(rows: list[np.ndarray], path: Path) -> None:
 def run_args(run: Run, steps: int, out_dir: Path) -> list[str]:
     """The overrides every demo training run takes: seeds, length, intervals, device, run directory, resume."""
     return [
-        f"--data.seed={run.plan.seed}",
-        f"--train.seed={run.plan.seed}",
+        f"--data.seed={run.seed}",
+        f"--train.seed={run.seed}",
         f"--train.steps={steps}",
         f"--train.eval_every={every(steps, 10)}",
         f"--train.ckpt_every={every(steps, 8)}",
         # Validation samples / reconstructions 3 times a run (the debug presets' every 10 steps would cost minutes).
         f"--train.sample_every={every(steps, 3)}",
         "--train.keep_checkpoints=2",
-        f"--train.device={run.plan.device}",
+        f"--train.device={run.device}",
         f"--train.out_dir={out_dir}",
         "--train.resume=auto",
     ]
 
 
-def tokenizer_argv(run: Run) -> list[str]:
-    meta = f"--data.meta={run.out / 'data' / 'meta_filtered.csv'}"
-    return [TOKENIZER_PRESET, meta, *run_args(run, run.plan.tokenizer_steps, run.out / TOKENIZER_DIR)]
+def tokenizer_argv(run: Run, steps: int | None = None, meta: Path | None = None) -> list[str]:
+    steps = run.plan.tokenizer_steps if steps is None else steps
+    meta_arg = f"--data.meta={meta or run.out / 'data' / 'meta_filtered.csv'}"
+    return [TOKENIZER_PRESET, meta_arg, *run_args(run, steps, run.out / TOKENIZER_DIR)]
 
 
-def stage_argv(run: Run, stage: str) -> list[str]:
+def stage_argv(run: Run, stage: str, steps: int | None = None) -> list[str]:
     preset, overrides = STAGES[stage]
     argv = [
         preset,
@@ -239,7 +275,7 @@ def stage_argv(run: Run, stage: str) -> list[str]:
         "--data.use_cache=true",
         f"--data.cache_dir={run.out / CACHE_DIR / cache_owner(stage)}",
         f"--train.fps={FPS}",
-        *run_args(run, run.plan.stage_steps[stage], run.out / ("generator_" + stage)),
+        *run_args(run, run.plan.stage_steps[stage] if steps is None else steps, run.out / ("generator_" + stage)),
     ]
     names = list(STAGES)
     if names.index(stage) > 0:
@@ -290,27 +326,36 @@ def checkpoint_step(run_dir: Path) -> int:
     return int(json.loads((ckpt / "state.json").read_text())["step"]) if ckpt is not None else 0
 
 
-def run_tokenizer(run: Run) -> dict[str, Any]:
-    """Untrained reconstructions, training, trained reconstructions, the baseline and the strips."""
+def run_recon_start(run: Run) -> tuple[Path, Path]:
+    """The held-out clips and the untrained tokenizer's scores (before the plan: they depend on the seed alone);
+    returns (held-out meta, untrained model)."""
 
-    header(f"tokenizer: the `{TOKENIZER_PRESET}` Video DC-AE from scratch, {run.plan.tokenizer_steps} steps")
-    argv = tokenizer_argv(run)
-    cfg, _ = resolve_config("tokenizer", argv)
-    ev, meta = run.out / EVAL_DIR, run.out / "data" / "meta_filtered.csv"
+    header("tokenizer: held-out clips, scored by the untrained model")
+    cfg, _ = resolve_config("tokenizer", tokenizer_argv(run, steps=1))
+    ev = run.out / EVAL_DIR
     # Each helper skips work whose output exists; a phase is timed only when it had work to do.
     with run.phase("recon", record=not (ev / "recon_start" / "recon.json").is_file()):
         heldout = demo_tokenizer.heldout_meta(cfg, ev / "heldout.csv")
         init = demo_tokenizer.init_model(cfg, ev / "tokenizer_init")
-        demo_tokenizer.recon_eval(init, heldout, ev / "recon_start", run.plan.device)
+        demo_tokenizer.recon_eval(init, heldout, ev / "recon_start", run.device)
+    return heldout, init
+
+
+def run_tokenizer(run: Run, heldout: Path, init: Path) -> dict[str, Any]:
+    """Training, trained reconstructions, the baseline and the strips, the latent scale."""
+
+    header(f"tokenizer: the `{TOKENIZER_PRESET}` Video DC-AE from scratch, {run.plan.tokenizer_steps} steps")
+    argv = tokenizer_argv(run)
+    ev, meta = run.out / EVAL_DIR, run.out / "data" / "meta_filtered.csv"
     run_dir = train(run, "tokenizer", "tokenizer", argv)
     with run.phase("recon", record=not (ev / "compare.json").is_file()):
-        demo_tokenizer.recon_eval(run_dir / "model", heldout, ev / "recon_end", run.plan.device)
+        demo_tokenizer.recon_eval(run_dir / "model", heldout, ev / "recon_end", run.device)
         doc = demo_tokenizer.compare(heldout, init, run_dir / "model", ev, run.out / "recon_strips.png")
     header("tokenizer: latent scale on the generator's clips and shapes")
     scaled = run.out / SCALED_TOKENIZER
     tables = [resolve_config("generator", stage_argv(run, s))[0].data.buckets for s in STAGES]
     with run.phase("calibrate", record=not (scaled / "latent_stats.json").is_file()):
-        doc["latent"] = demo_tokenizer.calibrate(run_dir / "model", scaled, meta, tables, run.plan.seed)
+        doc["latent"] = demo_tokenizer.calibrate(run_dir / "model", scaled, meta, tables, run.seed)
     return doc
 
 
@@ -325,17 +370,11 @@ def run_cache(run: Run, stage: str) -> dict[str, int]:
     out = Path(cfg.data.cache_dir)
     table = json.dumps({r: {t: list(v) for t, v in f.items()} for r, f in cfg.data.buckets.table.items()})
     argv = [str(run.out / "data" / "meta_filtered.csv"), "--out", str(out), "--tokenizer", cfg.tokenizer.path]
-    argv += ["--text-encoder", TEXT_ENCODER, "--buckets", table, "--seed", str(run.plan.seed)]
-    print(f"$ {command_line('data cache', argv + ['--device', run.plan.device])}", flush=True)
+    argv += ["--text-encoder", TEXT_ENCODER, "--buckets", table, "--seed", str(run.seed)]
+    print(f"$ {command_line('data cache', argv + ['--device', run.device])}", flush=True)
     with run.phase("cache") as info:
         stats = build_cache(
-            argv[0],
-            out,
-            cfg.tokenizer.path,
-            TEXT_ENCODER,
-            buckets=cfg.data.buckets,
-            seed=run.plan.seed,
-            device=run.plan.device,
+            argv[0], out, cfg.tokenizer.path, TEXT_ENCODER, buckets=cfg.data.buckets, seed=run.seed, device=run.device
         )
         info["record"] = stats.written > 0
     if stats.written == 0 and stats.skipped:
@@ -349,10 +388,14 @@ def run_cache(run: Run, stage: str) -> dict[str, int]:
 # 5. samples and 6. eval
 
 
-def sample_jobs(run: Run) -> list[dict[str, Any]]:
-    """The three samples: name, prompt, the `cinedit generator sample` arguments and the output path."""
+def sample_jobs(
+    run: Run, final: Path | None = None, root: Path | None = None, steps: int = 0, meta: Path | None = None
+) -> list[dict[str, Any]]:
+    """The three samples: name, prompt, the `cinedit generator sample` arguments and the output path (from `final`,
+    default the last stage's model, into `root`, default `<out>/samples`, with `steps` sampling steps, default the
+    plan's)."""
 
-    meta = read_meta(run.out / "data" / "meta_filtered.csv")
+    meta = read_meta(meta or run.out / "data" / "meta_filtered.csv")
     by_name = {Path(p).stem: (str(p), str(t)) for p, t in zip(meta["path"], meta["text"])}
     videos = [n for n, (p, _) in by_name.items() if not p.endswith(".png")]
     t2v = by_name.get(T2V_CLIP) or by_name[videos[0]]
@@ -360,12 +403,14 @@ def sample_jobs(run: Run) -> list[dict[str, Any]]:
     clip = by_name.get(INPAINT_CLIP) or by_name[videos[-1]]
     # The real clips as the generator saw them in training (stride 2, the sample size): the video to inpaint, and
     # the scale for the samples' scores.
-    inputs = run.out / SAMPLES_DIR / "inputs"
+    root = root or run.out / SAMPLES_DIR
+    inputs = root / "inputs"
     t2v_real, clip_real = (str(inputs / f"{Path(c[0]).stem}.mp4") for c in (t2v, clip))
-    final = run.out / ("generator_" + list(STAGES)[-1]) / "model"
+    final = final or run.out / ("generator_" + list(STAGES)[-1]) / "model"
+    steps = steps or run.plan.sample_steps
     common = ["--ckpt", str(final), "--num-frames", str(SAMPLE_FRAMES), "--resolution", SAMPLE_RESOLUTION]
-    common += ["--aspect-ratio", SAMPLE_ASPECT, "--steps", str(run.plan.sample_steps), "--seed", str(run.plan.seed)]
-    common += ["--device", run.plan.device, "--quiet"]
+    common += ["--aspect-ratio", SAMPLE_ASPECT, "--steps", str(steps), "--seed", str(run.seed)]
+    common += ["--device", run.device, "--quiet"]
     jobs = [
         ("t2v", "text-to-video", t2v[1], [], t2v_real),
         ("i2v", f"image-to-video from the photograph {Path(photo[0]).name}", photo[1], ["--ref", photo[0]], ""),
@@ -381,7 +426,7 @@ def sample_jobs(run: Run) -> list[dict[str, Any]]:
     ]
     out = []
     for name, title, prompt, extra, real in jobs:
-        folder = run.out / SAMPLES_DIR / name
+        folder = root / name
         argv = ["sample", "--prompt", prompt, *extra, *common, "--out", str(folder)]
         path = output_path(folder, 0, prompt, SAMPLE_FRAMES)
         ref = extra[1] if extra else ""
@@ -428,16 +473,225 @@ def run_eval(run: Run, jobs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# the plan: calibration, or a plan file, or the run directory's own plan.json
+
+# Budgeted, not calibrated (a few seconds either way): the VBench score of 5 short videos, and drawing the report.
+EVAL_S, REPORT_S = 5.0, 15.0
+
+
+def demo_workers() -> int:
+    """The most DataLoader workers any demo training run uses (its presets' `data.num_workers`)."""
+    configs = [resolve_config("tokenizer", [TOKENIZER_PRESET])[0]]
+    configs += [resolve_config("generator", [preset, *overrides])[0] for preset, overrides in STAGES.values()]
+    return max(c.data.num_workers for c in configs)
+
+
+def machine(threads: int, load_before: float) -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "torch_threads": threads,
+        "data_workers": demo_workers(),
+        "load_before": round(load_before, 2),  # the 1-minute load average when the command started
+        "load_1min": round(os.getloadavg()[0], 2),  # ... and after the calibration
+    }
+
+
+def phase_seconds(run: Run, key: str) -> float:
+    return sum(r["seconds"] for r in run.state["phases"].get(key, []))
+
+
+def calibrate_plan(run: Run, spent_s: float, threads: int, load_before: float) -> Plan:
+    """Time a few steps of every trained run (and the cache and one sample) in a throwaway folder, then choose the
+    step counts that fit the budget; the calibration's own time counts against it."""
+
+    minutes, budget = run.request["minutes"], run.request["minutes"] * 60
+    header(f"calibration: {CALIBRATION_STEPS} steps of each trained run, to fit the demo into {minutes:g} minutes")
+    t0 = time.time()
+    meta = run.out / "data" / "meta_filtered.csv"
+    n_samples = sample_steps(minutes)
+    with run.phase("calibration"), throwaway(run.out / CALIBRATION_DIR) as folder:
+        cal = Run.__new__(Run)  # the same argv builders, pointed at the throwaway folder
+        cal.out, cal.request, cal.plan = folder, run.request, None
+        over = calibration_overrides()
+        costs: dict[str, dict[str, float]] = {}
+        argv = [*tokenizer_argv(cal, CALIBRATION_STEPS, meta), "--disc.start=1", *over]  # time adversarial steps
+        cfg, name = resolve_config("tokenizer", argv)
+        costs["tokenizer"] = time_run(cfg, name, tokenizer_train.HOOKS)
+        print(
+            f"tokenizer: {costs['tokenizer']['step_s']:.3f} s a step {costs['tokenizer']['step_intervals_s']}",
+            flush=True,
+        )
+        tok = str(folder / TOKENIZER_DIR / "model")
+        caches: dict[str, float] = {}
+        for stage in dict.fromkeys(cache_owner(s) for s in STAGES):
+            cfg, _ = resolve_config("generator", stage_argv(cal, stage, CALIBRATION_STEPS))
+            t = time.perf_counter()
+            build_cache(
+                meta,
+                cfg.data.cache_dir,
+                tok,
+                TEXT_ENCODER,
+                cfg.data.buckets,
+                seed=run.seed,
+                device=run.device,
+                progress=False,
+            )
+            caches[stage] = round(time.perf_counter() - t, 2)
+        for stage in STAGES:
+            cfg, name = resolve_config(
+                "generator", [*stage_argv(cal, stage, CALIBRATION_STEPS), f"--tokenizer.path={tok}", *over]
+            )
+            costs[stage] = time_run(cfg, name, generator_train.HOOKS)
+            print(f"{stage}: {costs[stage]['step_s']:.3f} s a step {costs[stage]['step_intervals_s']}", flush=True)
+        # One real sample (image-to-video: three model passes a step, the dearest of the three samples).
+        final = folder / ("generator_" + list(STAGES)[-1]) / "model"
+        job = next(j for j in sample_jobs(cal, final, folder / SAMPLES_DIR, n_samples, meta) if j["name"] == "i2v")
+        t = time.perf_counter()
+        if group_main("generator", job["argv"]) != 0:
+            raise DemoError("`cinedit generator sample` failed in the calibration (see above)")
+        sample_s = time.perf_counter() - t
+    calibration_s = time.time() - t0
+    spent = spent_s + calibration_s
+    recon_start = phase_seconds(run, "recon") or 10.0
+    owner_of = {s: cache_owner(s) for s in STAGES}
+    fixed = {
+        "recon": 2 * recon_start,  # the trained model's scores, then both models' strips and the baseline
+        "calibrate": sum(caches[owner_of[s]] for s in STAGES),  # encodes the clips at every stage's buckets
+        "cache": sum(caches.values()),
+        "samples": 3 * sample_s,
+        "eval": EVAL_S,
+        "report": REPORT_S,
+    }
+    target = MARGIN * budget
+    steps = derive_steps(costs, target - spent - sum(fixed.values()))
+    steps["sample"] = n_samples
+    data_s = phase_seconds(run, "data")
+    estimate = {
+        "data": data_s,
+        "recon": recon_start + fixed["recon"],
+        "calibration": calibration_s,
+        "tokenizer": run_seconds(costs["tokenizer"], steps["tokenizer"]),
+        **{k: fixed[k] for k in ("calibrate", "cache")},
+        **{k: run_seconds(costs[k], steps[k]) for k in STAGES},
+        **{k: fixed[k] for k in ("samples", "eval", "report")},
+        "other": max(0.0, spent_s - data_s - recon_start),  # start-up, between the phases
+    }
+    estimate = {k: round(v, 1) for k, v in estimate.items()}
+    total = sum(estimate.values())
+    info = {
+        "budget_s": round(budget, 1),
+        "target_s": round(target, 1),
+        "estimate_s": {**estimate, "total": round(total, 1)},
+        "machine": machine(threads, load_before),
+        "calibration": {
+            "steps": CALIBRATION_STEPS,
+            "runs": costs,
+            "cache_s": caches,
+            "sample_s": round(sample_s, 2),
+            "recon_start_s": round(recon_start, 2),
+        },
+    }
+    if total > budget:
+        print(
+            f"warning: even the minimum step counts are estimated to take {total / 60:.1f} minutes on this machine "
+            f"now (load {os.getloadavg()[0]:.1f}), more than --minutes {minutes:g}",
+            flush=True,
+        )
+    source = f"calibrated on this machine ({CALIBRATION_STEPS} steps of each trained run)"
+    plan = Plan.from_steps(steps, minutes, run.seed, run.device, threads, source, info)
+    print(f"plan: {plan.steps} (estimated {total:.0f} s of {budget:.0f} s), in {run.out / PLAN_FILE}", flush=True)
+    return plan
+
+
+def settle_plan(
+    out: Path,
+    minutes: float | None,
+    seed: int | None,
+    device: str | None,
+    plan_file: Path | None,
+    given: Plan | None = None,
+):
+    """(request, plan or None): the plan a run must use — the run directory's own plan.json (never re-calibrated),
+    else the --plan file, else None (calibrate); a DemoError when the asked settings contradict it."""
+
+    asked = {"minutes": minutes, "seed": seed, "device": device}
+    if given is None and plan_file is not None:
+        given = Plan.read(plan_file)
+    if given is not None:
+        for key, value in asked.items():
+            if value is not None and value != getattr(given, key):
+                raise PlanError(
+                    f"--plan {plan_file} fixes --{key} ({getattr(given, key)}); drop --{key} {value} or edit the plan"
+                )
+    saved_path = out / PLAN_FILE
+    if saved_path.is_file():
+        saved = Plan.read(saved_path)
+        if given is not None and given.identity() != saved.identity():
+            raise DemoError(
+                f"{out} holds a demo run with another plan ({saved_path}: {saved.steps}, seed {saved.seed}); re-run "
+                f"it without --plan, or pass --overwrite to start again with {plan_file}"
+            )
+        for key, value in asked.items():
+            if given is None and value is not None and value != getattr(saved, key):
+                raise DemoError(
+                    f"{out} holds a demo run with other settings (--{key} {getattr(saved, key)}, plan {saved_path}); "
+                    f"re-run it with those, or pass --overwrite to start again with --{key} {value}"
+                )
+        plan = saved
+    elif given is not None:
+        plan = dataclasses.replace(
+            given, source=f"replayed from {plan_file}" + (f" ({given.source})" if given.source else "")
+        )
+    else:
+        plan = None
+    request = {
+        k: v if v is not None else {"minutes": DEFAULT_MINUTES, "seed": DEFAULT_SEED, "device": "auto"}[k]
+        for k, v in asked.items()
+    }
+    if plan is not None:
+        request = {"minutes": plan.minutes, "seed": plan.seed, "device": plan.device}
+    state = out / STATE_FILE
+    if plan is None and state.is_file():  # killed before its plan was chosen: the data step must match
+        before = json.loads(state.read_text()).get("request")
+        if before is None:
+            raise DemoError(f"{out} holds a demo run of an older cinedit; pass --overwrite to start again")
+        for key, value in asked.items():
+            if value is None:
+                request[key] = before[key]
+            elif before[key] != value:
+                raise DemoError(
+                    f"{out} holds a demo run with other settings (--{key} {before[key]}); re-run it with those, or "
+                    f"pass --overwrite to start again with --{key} {value}"
+                )
+    return request, plan
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # the command
 
 
-def run_demo(out: Path, plan: Plan) -> Path:
-    """Run (or resume) every step into `out`; returns the report's path."""
+def run_demo(
+    out: Path, request: dict[str, Any], plan: Plan | None = None, started: float | None = None, load: float = 0.0
+) -> Path:
+    """Run (or resume) every step into `out`, first choosing the plan when `plan` is None; returns the report.
+    `started` (time.time()) is when the command started: the budget counts from there; `load` is the 1-minute load
+    average then (other processes' load: a calibrated plan leaves their cores to them)."""
 
-    run = Run(out, plan)
+    t0 = started or time.time()
+    threads_before = torch.get_num_threads()
+    threads = plan.threads if plan is not None else torch_threads(demo_workers(), load=load)
+    torch.set_num_threads(threads)
+    run = Run(out, request, plan)
+    print(f"torch threads: {threads} ({os.cpu_count()} cores, load average {load:.2f} at the start)", flush=True)
     try:
         data = run_data(run)
-        recon = run_tokenizer(run)
+        heldout, init = run_recon_start(run)
+        if run.plan is None:
+            run.set_plan(calibrate_plan(run, time.time() - t0, threads, load))
+        else:
+            print(f"plan: {run.plan.steps} ({run.plan.source or out / PLAN_FILE})")
+        plan = run.plan
+        recon = run_tokenizer(run, heldout, init)
         stages = {}
         for stage in STAGES:
             header(f"generator {stage}: {STAGE_TITLES.get(stage, '')}, {plan.stage_steps[stage]} steps")
@@ -447,22 +701,38 @@ def run_demo(out: Path, plan: Plan) -> Path:
             stages[stage] = {"cache": cache, "cache_dir": cache_dir, "run_dir": run_dir, "argv": stage_argv(run, stage)}
         jobs = run_samples(run)
         flicker = run_eval(run, jobs)
+        header("report")
+        context = {
+            "plan": plan,
+            "command": command_line(
+                "demo", ["--minutes", f"{plan.minutes:g}", "--seed", str(plan.seed), "--device", plan.device]
+            )
+            if plan.source.startswith("calibrated")
+            else command_line("demo", ["--plan", str(out / PLAN_FILE)]),
+            "state": run.state,
+            "data": data,
+            "recon": recon,
+            "tokenizer_argv": tokenizer_argv(run),
+            "tokenizer_dir": out / TOKENIZER_DIR,
+            "stages": stages,
+            "stage_titles": STAGE_TITLES,
+            "samples": jobs,
+            "flicker": flicker,
+        }
+        return demo_report.write_report(out, context)
     finally:
         destroy_distributed()
-    header("report")
-    context = {
-        "plan": plan,
-        "state": run.state,
-        "data": data,
-        "recon": recon,
-        "tokenizer_argv": tokenizer_argv(run),
-        "tokenizer_dir": out / TOKENIZER_DIR,
-        "stages": stages,
-        "stage_titles": STAGE_TITLES,
-        "samples": jobs,
-        "flicker": flicker,
-    }
-    return demo_report.write_report(out, context)
+        torch.set_num_threads(threads_before)
+
+
+def process_start() -> float:
+    """When this command started (its imports count against --minutes too); now, when called in a process that has
+    been running for a while already (a test calling `main`)."""
+    import psutil
+
+    now = time.time()
+    started = psutil.Process().create_time()
+    return started if now - started < 60 else now
 
 
 def is_demo_dir(out: Path) -> bool:
@@ -477,15 +747,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--minutes",
         type=float,
-        default=DEFAULT_MINUTES,
-        help="scales every step count (default %(default)s: about 10 minutes on an idle 2-core CPU); the step "
-        "counts follow from this number alone, never from the clock",
+        default=None,
+        help=f"the wall-time budget (default {DEFAULT_MINUTES:g}): a short calibration times every stage on this "
+        "machine and picks step counts estimated to take 85%% of it (at least 2 steps each, so a tiny budget can be "
+        "overrun); the plan is written to <out>/plan.json",
     )
-    p.add_argument("--seed", type=int, default=42, help="seed of the data order, the models and the samples")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda when available")
+    p.add_argument(
+        "--plan",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="replay a plan (an earlier run's plan.json): its step counts, seed and torch threads, no calibration",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"seed of the data order, the models and the samples (default {DEFAULT_SEED})",
+    )
+    p.add_argument("--device", default=None, choices=list(DEVICES), help="default: auto (cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="delete this demo's run directory and start again")
     args = p.parse_args(argv)
-    if args.minutes <= 0:
+    started, load = process_start(), os.getloadavg()[0]
+    if args.minutes is not None and not args.minutes > 0:
         p.error(f"--minutes must be positive, got {args.minutes}")
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()) and not is_demo_dir(out):
@@ -493,15 +777,16 @@ def main(argv: list[str] | None = None) -> int:
             f"cinedit demo: error: {out} is not empty and holds no demo run; pick a new or empty --out", file=sys.stderr
         )
         return 2
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
-    elif (out / REPORT_FILE).is_file():
-        print(f"{out} holds a finished demo ({out / REPORT_FILE}); pass --overwrite to run it again from scratch")
-        return 0
-
-    plan = Plan.make(args.minutes, args.seed, args.device)
     try:
-        report = run_demo(out, plan)
+        # A bad plan file is an error before anything is deleted (and --overwrite may delete the file itself).
+        given = Plan.read(args.plan) if args.plan is not None else None
+        if args.overwrite and out.exists():
+            shutil.rmtree(out)
+        elif (out / REPORT_FILE).is_file():
+            print(f"{out} holds a finished demo ({out / REPORT_FILE}); pass --overwrite to run it again from scratch")
+            return 0
+        request, plan = settle_plan(out, args.minutes, args.seed, args.device, args.plan, given)
+        report = run_demo(out, request, plan, started, load)
     except (DemoError, ConfigError) as e:
         print(f"cinedit demo: error: {e}", file=sys.stderr)
         return 2
