@@ -173,6 +173,92 @@ class BucketBatchSampler:
         self._consumed = int(state["consumed"])
 
 
+@dataclass
+class _PackPlan(_Plan):
+    sample_codes: np.ndarray  # bucket code of every entry of `flat` (packs mix buckets)
+
+
+class PackingSampler(BucketBatchSampler):
+    """Yields packs instead of batches: samples of any buckets, in one seeded global order, filled greedily up to
+    `tokens_per_batch` tokens each (`tokens(t, h, w)` counts a sample loaded at bucket shape (t, h, w): its latent
+    tokens plus its text tokens), for a packed forward with block-diagonal attention.
+
+    Buckets still decide each sample's shape (and keep probabilities); their batch sizes do not matter. The epoch's
+    packs are fixed by (seed, epoch) like the bucket batches, so the position, `state_dict` and the data-parallel
+    split work exactly as in `BucketBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        data: pd.DataFrame | Any,
+        buckets: BucketConfig | Bucketer,
+        tokens_per_batch: int,
+        tokens: Callable[[int, int, int], int],
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        frame_stride: int = 0,
+        exact_shape: bool | None = None,
+    ):
+        super().__init__(data, buckets, dp_rank, dp_size, seed, frame_stride, exact_shape)
+        if tokens_per_batch < 1:
+            raise ValueError(f"tokens_per_batch must be positive, got {tokens_per_batch}")
+        self.tokens_per_batch = tokens_per_batch
+        self.bucket_tokens = np.array([tokens(*b.shape) for b in self.bucketer.buckets], dtype=np.int64)
+        too_big = [b for b, n in zip(self.bucketer.buckets, self.bucket_tokens) if n > tokens_per_batch]
+        if too_big:
+            worst = max(too_big, key=lambda b: b.num_frames * b.height * b.width)
+            raise ValueError(
+                f"data.tokens_per_batch={tokens_per_batch} is smaller than one sample of bucket {worst.resolution} "
+                f"{worst.shape} ({self.bucket_tokens[self.bucketer.buckets.index(worst)]} tokens): raise it to at "
+                f"least {int(self.bucket_tokens.max())} or drop the bucket"
+            )
+
+    def _plan(self, epoch: int) -> _PackPlan:
+        key = (self.seed, epoch)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        codes = self.bucketer.assign_meta(self.meta, seed=mix_seed(self.seed, epoch))
+        if self.exact_shape:
+            shapes = np.array([b.shape for b in self.bucketer.buckets] + [(-1, -1, -1)])
+            stored = self.meta[["num_frames", "height", "width"]].to_numpy()
+            codes = np.where((shapes[codes] == stored).all(axis=1), codes, -1)
+        rng = np.random.default_rng(mix_seed(self.seed, epoch, 2))
+        order = rng.permutation(np.flatnonzero(codes >= 0))
+        need = self.bucket_tokens[codes[order]]
+        sizes, count, used = [], 0, 0
+        for n in need:
+            if count and used + n > self.tokens_per_batch:
+                sizes.append(count)
+                count, used = 0, 0
+            count, used = count + 1, used + int(n)
+        # The last, part-filled pack is dropped like a bucket's incomplete batch.
+        kept = int(np.sum(sizes))
+        sizes_arr = np.array(sizes, dtype=np.int64)
+        plan = _PackPlan(
+            flat=order[:kept],
+            starts=np.concatenate([[0], np.cumsum(sizes_arr)[:-1]]).astype(np.int64) if sizes else sizes_arr,
+            sizes=sizes_arr,
+            codes=np.full(len(sizes_arr), -1, dtype=np.int64),
+            sample_codes=codes[order[:kept]],
+        )
+        self._plan_cache = (key, plan)
+        return plan
+
+    def _batch(self, plan: _PackPlan, b: int, epoch: int) -> list[SampleItem]:
+        lo, hi = plan.starts[b], plan.starts[b] + plan.sizes[b]
+        items = []
+        for i, code in zip(plan.flat[lo:hi], plan.sample_codes[lo:hi]):
+            t, h, w = self.bucketer.buckets[code].shape
+            items.append(SampleItem(int(i), t, h, w, mix_seed(self.seed, epoch, int(i))))
+        return items
+
+    def pack_tokens(self, pack: list[SampleItem]) -> int:
+        """Tokens of one pack (what the budget counts)."""
+        index = {b.shape: n for b, n in zip(self.bucketer.buckets, self.bucket_tokens)}
+        return int(sum(index[(s.num_frames, s.height, s.width)] for s in pack))
+
+
 def one_thread_worker(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: one torch thread per worker process.
 
