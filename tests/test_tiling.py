@@ -59,6 +59,8 @@ def rel_rms(a: Tensor, b: Tensor) -> float:
 
 
 def tiling(spatial: int = 64, temporal: int = 8, overlap: float = 0.25, **kw) -> TilingConfig:
+    """One tile per model call unless `tile_batch` says otherwise, so call counts are tile counts."""
+    kw.setdefault("tile_batch", 1)
     return TilingConfig(spatial_tile=spatial, temporal_tile=temporal, overlap=overlap, progress=False, **kw)
 
 
@@ -141,6 +143,34 @@ def test_tiling_places_tiles_exactly(t, h, w, spatial, overlap):
     torch.testing.assert_close(z, ae.encode(x), atol=1e-12, rtol=0)
     assert len(ae.calls) > 2
     torch.testing.assert_close(tiled_decode(ae, z, cfg, num_frames=t), ae.decode(z, num_frames=t), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("tile_batch", [None, 3])
+def test_batched_tiles_place_exactly(tile_batch):
+    """Tiles stacked along the batch (automatic: up to TILE_BATCH_VOXELS a call) blend exactly like one at a time."""
+    ae, cfg = PoolAE(), tiling(64, 8, 0.25, enabled=True, tile_batch=tile_batch)
+    x = torch.randn(2, 3, 16, 128, 192, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    z = tiled_encode(ae, x, cfg)
+    torch.testing.assert_close(z, ae.encode(x), atol=1e-12, rtol=0)
+    y = tiled_decode(ae, z, cfg, num_frames=16)
+    torch.testing.assert_close(y, ae.decode(z, num_frames=16), atol=1e-12, rtol=0)
+    tiles = 3 * 3 * 5  # 16 frames in 8-frame tiles sharing 4, 128 px in 64 px tiles sharing 32, 192 px
+    per_call = 32 if tile_batch is None else tile_batch  # 8 x 64 x 64 tiles: 32 fit in 2 x 8 x 256 x 256 voxels
+    assert ae.calls[0][0] == 2 * per_call and len(ae.calls) == 2 * -(-tiles // per_call) + 2
+    assert sum(c[0] for c in ae.calls) == 2 * (2 * tiles + 2)  # tiled encode, untiled, tiled decode, untiled
+
+
+def test_automatic_tile_batch_follows_the_tile_volume():
+    ae = PoolAE()
+    cases = [
+        ((1, 3, 8, 512, 512), 256, 32, 2),
+        ((1, 3, 64, 512, 512), 256, 32, 1),
+        ((1, 3, 1, 512, 512), 256, 32, 9),
+    ]  # 16 fit, 9 tiles
+    for shape, spatial, temporal, per_call in cases:
+        ae.calls.clear()
+        tiled_encode(ae, torch.zeros(shape), TilingConfig(spatial, temporal, enabled=True, progress=False))
+        assert ae.calls[0][0] == per_call, (shape, ae.calls)
 
 
 def test_single_latent_frame_video_decodes_to_four_frames():
@@ -288,6 +318,7 @@ def test_default_config_is_the_release_tiling():
         ({"overlap": -0.1}, r"\[0, 0.5\)"),
         ({"threshold_pixels": 0}, "threshold_pixels must be positive"),
         ({"enabled": "yes"}, "enabled must be"),
+        ({"tile_batch": 0}, "tile_batch must be"),
     ],
 )
 def test_invalid_config(kw, match):

@@ -58,6 +58,7 @@ CKPT_REQUIRED = (
     "tokenizer file (the Video DC-AE's, hunyuan_vae.safetensors or flux1-dev-ae.safetensors)"
 )
 DEFAULT_TILE = 256
+WRITE_CHUNK_FRAMES = 8  # frames converted to uint8 at a time when writing
 # What `encode_latents` (the generator's latents) computes from the unscaled latent z, by tokenizer kind.
 LATENT_RULES = {"dcae": "z / scaling_factor", "hunyuan_vae": "scaling_factor * (z - shift_factor)"}
 LATENT_RULES["flux_ae"] = LATENT_RULES["hunyuan_vae"]
@@ -209,7 +210,10 @@ def configure_native_tiling(model: Tokenizer, tiling: str, tile_size: int | None
 def write_frames(path: Path, video: Tensor, fps: float) -> Path:
     """An image (T = 1, written as PNG unless the path says .mp4) or an mp4, atomically. H.264 needs even sides: a
     video of odd height or width (a `--pad` input cropped back) gets its last row / column repeated."""
-    frames = to_uint8(video)
+    # A few frames at a time: to_uint8 on the whole clip holds two float copies of it at once.
+    frames = np.concatenate(
+        [to_uint8(video[:, i : i + WRITE_CHUNK_FRAMES]) for i in range(0, video.shape[1], WRITE_CHUNK_FRAMES)]
+    )
     if frames.shape[0] == 1 and path.suffix.lower() != ".mp4":
         with atomic_path(path) as tmp:
             Image.fromarray(frames[0]).save(tmp)
@@ -296,19 +300,52 @@ def reconstruct(model: Tokenizer, clip: Clip, tiling: TilingConfig) -> tuple[Ten
     p = next(model.parameters())
     x = clip.video.to(p.device, p.dtype)
     rec = tiled_decode(model, tiled_encode(model, x, tiling), tiling, num_frames=x.shape[2])
-    rec = rec[..., : clip.height, : clip.width].float().cpu().clamp(-1, 1)
-    return rec, clip.video[..., : clip.height, : clip.width]
+    del x  # the clip itself stays alive (clip.video): on the CPU x is it, not a copy
+    # Cropped and clamped in place: no second full-clip float copy (720p x 64 frames is ~0.7 GB a copy).
+    return rec[..., : clip.height, : clip.width].float().cpu().clamp_(-1, 1), clip.video[
+        ..., : clip.height, : clip.width
+    ]
+
+
+def _as_uint8_if_exact(video: Tensor) -> Tensor:
+    """(1, 3, T, H, W) in [-1, 1] as uint8 codes when that is lossless (frames read from 8-bit files are), else as is:
+    a quarter of the memory for the reference while the clip is decoded."""
+    codes = torch.cat([((c + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8) for c in video.split(8, dim=2)], 2)
+    exact = all(torch.equal(_from_uint8(a), b) for a, b in zip(codes.split(8, dim=2), video.split(8, dim=2)))
+    return codes if exact else video
+
+
+def _from_uint8(v: Tensor) -> Tensor:
+    return v.float().div_(127.5).sub_(1.0) if v.dtype == torch.uint8 else v
+
+
+def _quality(rec: Tensor, ref: Tensor, chunk: int = 8) -> tuple[float, float | None]:
+    """PSNR and SSIM (None below 11x11) of one video, per frame averaged over frames, `chunk` frames at a time."""
+    t, sums = rec.shape[2], [0.0, 0.0]
+    with_ssim = min(rec.shape[-2:]) >= 11  # SSIM's 11x11 window
+    for i in range(0, t, chunk):
+        a, b = rec[:, :, i : i + chunk], _from_uint8(ref[:, :, i : i + chunk])
+        sums[0] += psnr(a, b).item() * a.shape[2]
+        if with_ssim:
+            sums[1] += ssim(a, b).item() * a.shape[2]
+    return sums[0] / t, sums[1] / t if with_ssim else None
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
     def work(model: Tokenizer, tiling: TilingConfig, src: Path, dst: Path) -> str:
+        # As `reconstruct`, holding less: after encoding, the reference is kept as uint8 and the float clip dropped,
+        # so a long clip costs its decoded float frames + a quarter as much, not two float copies (+ metric copies).
         clip = read_for(model, src, args)
-        rec, ref = reconstruct(model, clip, tiling)
-        write_frames(dst, rec[0], clip.fps)
-        quality = f"PSNR {psnr(rec, ref).item():.2f} dB"
-        if min(clip.height, clip.width) >= 11:  # SSIM's 11x11 window
-            quality += f", SSIM {ssim(rec, ref).item():.4f}"
-        return f"{src} -> {dst}: {rec.shape[2]} frame(s) {clip.height}x{clip.width}, {quality}"
+        p = next(model.parameters())
+        frames, h, w, fps = clip.video.shape[2], clip.height, clip.width, clip.fps
+        z = tiled_encode(model, clip.video.to(p.device, p.dtype), tiling)
+        ref = _as_uint8_if_exact(clip.video[..., :h, :w])
+        del clip
+        rec = tiled_decode(model, z, tiling, num_frames=frames)[..., :h, :w].float().cpu().clamp_(-1, 1)
+        write_frames(dst, rec[0], fps)
+        p_db, s = _quality(rec, ref)
+        quality = f"PSNR {p_db:.2f} dB" + (f", SSIM {s:.4f}" if s is not None else "")
+        return f"{src} -> {dst}: {rec.shape[2]} frame(s) {h}x{w}, {quality}"
 
     return _run(args, work)
 

@@ -2,7 +2,14 @@
 
 Tiles are planned in latent units (32 px, 4 frames), so every tile is a valid model input and tile borders fall on
 latent positions. Each tile's output is written straight into one output buffer with separable blend weights that sum
-to 1 along every axis, so only one tile's activations are alive at a time.
+to 1 along every axis, so only one model call's activations are alive at a time.
+
+Memory bound: besides the input and the output (one buffer, in at least fp32), tiled encode / decode holds the
+activations of one model call, and a call sees at most max(one tile, `TILE_BATCH_VOXELS` input or output voxels):
+a constant for a given model and config, independent of the clip's length and resolution. Small tiles are batched
+(`TilingConfig.tile_batch`, automatic by default) up to that volume: all tiles of a plan have the same shape, and a
+batch of one is much slower on the CPU (PyTorch runs a small-batch Conv3d with few channels on its slow im2col
+path instead of oneDNN), which made tiling 3-5x slower per pixel than untiled there.
 
 Tokenizers with `native_tiling` (the HunyuanVideo VAE and the Flux AE) tile themselves, as their reference does:
 `encode`, `decode` and `chunked_latents` hand them the whole input (cutting a causal VAE's clip by frames would
@@ -12,6 +19,7 @@ re-start its causal context at every chunk).
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,6 +32,9 @@ from tqdm.auto import tqdm
 SPATIAL_UNIT = 32
 TEMPORAL_UNIT = 4
 PROGRESS_MIN_TILES = 8
+# Automatic tile batching fills a model call with whole tiles up to this many voxels (frames x pixels): two 8-frame
+# 256 px tiles, or one 32-frame one (the release tile, which runs alone as before).
+TILE_BATCH_VOXELS = 2 * 8 * 256 * 256
 
 
 class Autoencoder(Protocol):
@@ -43,7 +54,8 @@ class TilingConfig:
 
     `enabled` None tiles only inputs with H or W above `threshold_pixels` or T above `threshold_frames` (both default
     to the tile sizes); True always tiles, False never does. Overlaps are rounded to whole latent units (at least one
-    when `overlap` > 0 and the tile spans more than one latent unit).
+    when `overlap` > 0 and the tile spans more than one latent unit). `tile_batch` tiles go through the model per
+    call (None: as many as fit in `TILE_BATCH_VOXELS`, at least one); it changes speed and memory, not the plan.
     """
 
     spatial_tile: int = 256
@@ -53,6 +65,7 @@ class TilingConfig:
     threshold_pixels: int | None = None
     threshold_frames: int | None = None
     progress: bool = True
+    tile_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.threshold_pixels is None:
@@ -73,6 +86,8 @@ class TilingConfig:
             raise ValueError(f"overlap must be in [0, 0.5) of a tile, got {self.overlap}")
         if self.enabled not in (None, True, False):
             raise ValueError(f"enabled must be None (automatic), True or False, got {self.enabled!r}")
+        if self.tile_batch is not None and self.tile_batch < 1:
+            raise ValueError(f"tile_batch must be None (automatic) or positive, got {self.tile_batch}")
         for name in ("threshold_pixels", "threshold_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -146,25 +161,47 @@ def _plan_axis(size: int, tile: int, overlap: float, in_unit: int, out_unit: int
     return _Axis(size, tile_starts(size, tile, overlap_units(tile, overlap)), tile, in_unit, out_unit)
 
 
-def _run_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, axes: list[_Axis], progress: bool) -> Tensor:
-    """Apply fn to every tile of x (b, c, t, h, w) and blend the results into one buffer."""
+def _tile_batch(cfg: TilingConfig, axes: list[_Axis], out_side: bool) -> int:
+    """Tiles per model call: the config's, or as many as fit in TILE_BATCH_VOXELS of pixel-space volume."""
+    if cfg.tile_batch is not None:
+        return cfg.tile_batch
+    voxels = math.prod(a.length * (a.out_unit if out_side else a.in_unit) for a in axes)
+    return max(1, TILE_BATCH_VOXELS // voxels)
+
+
+def _run_tiles(fn: Callable[[Tensor], Tensor], x: Tensor, axes: list[_Axis], progress: bool, batch: int = 1) -> Tensor:
+    """Apply fn to every tile of x (b, c, t, h, w), `batch` tiles per call, and blend the results into one buffer."""
     weights = [
         blend_weights(a.size * a.out_unit, [s * a.out_unit for s in a.starts], a.length * a.out_unit) for a in axes
     ]
     grid = list(itertools.product(*(range(len(a.starts)) for a in axes)))
-    out, out_dtype = None, None
-    for idx in tqdm(grid, desc="tiles", leave=False, disable=not progress or len(grid) < PROGRESS_MIN_TILES):
-        src = tuple(slice(a.starts[i] * a.in_unit, (a.starts[i] + a.length) * a.in_unit) for a, i in zip(axes, idx))
-        y = fn(x[(..., *src)])
+    out, out_dtype, b = None, None, x.shape[0]
+    bar = tqdm(total=len(grid), desc="tiles", leave=False, disable=not progress or len(grid) < PROGRESS_MIN_TILES)
+    for first in range(0, len(grid), batch):
+        group = grid[first : first + batch]
+        srcs = [
+            x[(..., *(slice(a.starts[i] * a.in_unit, (a.starts[i] + a.length) * a.in_unit) for a, i in zip(axes, idx)))]
+            for idx in group
+        ]
+        # Every tile of a plan has the same shape, so tiles stack along the batch; one tile goes in as a view.
+        ys = fn(srcs[0] if len(srcs) == 1 else torch.cat(srcs))
+        del srcs
         if out is None:
-            out_dtype = y.dtype
+            out_dtype = ys.dtype
             # Accumulate in at least fp32 so bf16 tiles do not lose precision in the sums.
-            acc = torch.promote_types(y.dtype, torch.float32)
-            out = y.new_zeros((*y.shape[:2], *(a.size * a.out_unit for a in axes)), dtype=acc)
-        wt, wh, ww = (w[i].to(out) for w, i in zip(weights, idx))
-        w = rearrange(wt, "t -> t 1 1") * rearrange(wh, "h -> h 1") * ww
-        dst = tuple(slice(a.starts[i] * a.out_unit, (a.starts[i] + a.length) * a.out_unit) for a, i in zip(axes, idx))
-        out[(..., *dst)].addcmul_(y.to(out.dtype), w)
+            acc = torch.promote_types(ys.dtype, torch.float32)
+            out = ys.new_zeros((b, ys.shape[1], *(a.size * a.out_unit for a in axes)), dtype=acc)
+            weights = [[wi.to(out) for wi in w] for w in weights]  # once, not per tile
+        for k, idx in enumerate(group):
+            wt, wh, ww = (w[i] for w, i in zip(weights, idx))
+            w = rearrange(wt, "t -> t 1 1") * rearrange(wh, "h -> h 1") * ww
+            dst = tuple(
+                slice(a.starts[i] * a.out_unit, (a.starts[i] + a.length) * a.out_unit) for a, i in zip(axes, idx)
+            )
+            out[(..., *dst)].addcmul_(ys[k * b : (k + 1) * b].to(out.dtype), w)
+        del ys
+        bar.update(len(group))
+    bar.close()
     return out.to(out_dtype)
 
 
@@ -192,7 +229,7 @@ def tiled_encode(model: Autoencoder, x: Tensor, cfg: TilingConfig) -> Tensor:
         _plan_axis(h // s, cfg.spatial_tile // s, cfg.overlap, s, 1),
         _plan_axis(w // s, cfg.spatial_tile // s, cfg.overlap, s, 1),
     ]
-    return _run_tiles(model.encode, x, axes, cfg.progress)
+    return _run_tiles(model.encode, x, axes, cfg.progress, _tile_batch(cfg, axes, out_side=False))
 
 
 def _is_video(z: Tensor, tc: int, num_frames: int | None) -> bool:
@@ -220,7 +257,7 @@ def tiled_decode(model: Autoencoder, z: Tensor, cfg: TilingConfig, num_frames: i
         _plan_axis(w, cfg.spatial_tile // s, cfg.overlap, 1, s),
     ]
     fn = lambda tile: model.decode(tile, num_frames=tile.shape[2] * tu)
-    return _run_tiles(fn, z, axes, cfg.progress)
+    return _run_tiles(fn, z, axes, cfg.progress, _tile_batch(cfg, axes, out_side=True))
 
 
 UNTILED_PIXELS = 1 << 15  # a spatial tile no input reaches: space is never cut
