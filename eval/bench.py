@@ -23,9 +23,11 @@ import psutil
 import torch
 import torch.nn.functional as F
 
+from cinedit.generator.flow import flow_loss
 from cinedit.generator.math import make_ids, make_txt_ids
 from cinedit.generator.model import PRESETS as MMDIT_PRESETS
 from cinedit.generator.model import MMDiT, MMDiTConfig
+from cinedit.generator.packing import PackedBatch, Sample, packed_flow_losses, packed_forward, resolve_mode
 from cinedit.runtime.dist import resolve_device
 from cinedit.runtime.files import write_json, write_text
 from cinedit.tokenizer.model import PRESETS as DCAE_PRESETS
@@ -105,8 +107,11 @@ def _run_info(dev: torch.device, dtype: str, repeats: int) -> dict:
 
 def _measure(fn: Callable[[], Any], dev: torch.device, repeats: int, warmup: int = 1) -> dict:
     """Peak memory of a first call, `warmup` - 1 more untimed calls, then the median wall time of `repeats` calls."""
+    t0 = time.perf_counter()
     with peak_memory(dev) as mem:
         fn()
+    _sync(dev)
+    first = time.perf_counter() - t0
     for _ in range(warmup - 1):
         fn()
     times = []
@@ -116,7 +121,7 @@ def _measure(fn: Callable[[], Any], dev: torch.device, repeats: int, warmup: int
         fn()
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return {"median_s": sorted(times)[len(times) // 2], "peak_mb": mem["peak_mb"]}
+    return {"median_s": sorted(times)[len(times) // 2], "peak_mb": mem["peak_mb"], "first_s": first}
 
 
 def _isolated(fn: Callable[..., dict], args: tuple, dev: torch.device) -> dict:
@@ -130,12 +135,17 @@ def _isolated(fn: Callable[..., dict], args: tuple, dev: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
 
-def _phase(preset: str, phase: str, shape: list[int], device: str, dtype: str, repeats: int) -> dict:
-    """Build the model and an input, measure the first call's peak memory, then time `repeats` calls."""
+def _phase(
+    preset: str, phase: str, shape: list[int], device: str, dtype: str, repeats: int, compiled: bool = False
+) -> dict:
+    """Build the model and an input, measure the first call's peak memory, then time `repeats` calls. `compiled`:
+    regional torch.compile first (`compile_blocks`); the first call's time, compilation included, is `compile_s`."""
 
     dev, dt = torch.device(device), DTYPES[dtype]
     torch.manual_seed(0)
     model = VideoDCAE(DCAE_PRESETS[preset]()).to(dev, dt).eval()
+    if compiled:
+        model.compile_blocks()
     b, _, t, h, w = shape
     if phase == "encode":
         inp = torch.rand(shape, device=dev, dtype=dt) * 2 - 1
@@ -149,7 +159,8 @@ def _phase(preset: str, phase: str, shape: list[int], device: str, dtype: str, r
     with torch.no_grad():
         m = _measure(fn, dev, repeats)
     med = m["median_s"]
-    return {"median_s": round(med, 4), "frames_per_s": round(b * t / med, 2), "peak_mb": round(m["peak_mb"], 1)}
+    out = {"median_s": round(med, 4), "frames_per_s": round(b * t / med, 2), "peak_mb": round(m["peak_mb"], 1)}
+    return {**out, "compile_s": round(m["first_s"], 2)} if compiled else out
 
 
 def bench_tokenizer(
@@ -160,8 +171,10 @@ def bench_tokenizer(
     repeats: int = 3,
     device: str = "auto",
     dtype: str = "fp32",
+    with_compile: bool = False,
 ) -> dict:
     """Encode and decode speed and peak memory on a (batch, 3, T, size, size) clip; each phase runs on its own.
+    `with_compile` also measures them with regional torch.compile (`encode_compiled`, `decode_compiled`).
 
     On CPU every phase runs in a fresh process (see the module docstring).
     """
@@ -174,6 +187,9 @@ def bench_tokenizer(
     result.update(_run_info(dev, dtype, repeats))
     for phase in ("encode", "decode"):
         result[phase] = _isolated(_phase, (preset, phase, shape, str(dev), dtype, repeats), dev)
+        if with_compile:
+            args = (preset, phase, shape, str(dev), dtype, repeats, True)
+            result[f"{phase}_compiled"] = _isolated(_phase, args, dev)
     return result
 
 
@@ -309,7 +325,9 @@ def _train_phase(
         from diffusers.utils import logging as diffusers_logging  # heavy (diffusers): only with the Flux peer
 
         diffusers_logging.set_verbosity_error()  # its .to(dtype) warns about fp32 modules, of which Flux has none
-    model = (MMDiT(cfg) if which == "mmdit" else flux_from_config(cfg)).to(dev, dt).train()
+    model = (flux_from_config(cfg) if which == "flux" else MMDiT(cfg)).to(dev, dt).train()
+    if which == "mmdit_compiled":
+        model.compile_blocks()
     params = sum(p.numel() for p in model.parameters())
     n = grid[0] * grid[1] * grid[2]
     img = torch.randn(batch, n, cfg.in_channels, device=dev, dtype=dt)
@@ -318,7 +336,7 @@ def _train_phase(
     t = torch.rand(batch, device=dev)
     img_ids, txt_ids = make_ids(*grid, batch=batch, device=dev), make_txt_ids(batch, txt_len, device=dev)
     target = torch.randn(batch, n, cfg.in_channels, device=dev)
-    if which == "mmdit":
+    if which != "flux":
         forward = lambda: model(img, img_ids, txt, txt_ids, t, vec)  # noqa: E731
     else:
         forward = lambda: model(img, txt, vec, t, img_ids[0], txt_ids[0], return_dict=False)[0]  # noqa: E731
@@ -329,7 +347,7 @@ def _train_phase(
 
     # Two warm-up steps: diffusers' Flux runs its first two steps ~100x slower on CPU (one-time setup).
     m = _measure(step, dev, repeats, warmup=2)
-    return {"params": params, "median_s": m["median_s"], "peak_mb": m["peak_mb"]}
+    return {"params": params, "median_s": m["median_s"], "peak_mb": m["peak_mb"], "first_s": m["first_s"]}
 
 
 def bench_generator(
@@ -342,6 +360,7 @@ def bench_generator(
     dtype: str = "fp32",
     with_flux: bool = False,
     grid: tuple[int, int, int] | None = None,
+    with_compile: bool = False,
 ) -> dict:
     """One generator training step (forward + backward, no optimizer step) on random inputs: time, FLOPs, memory.
 
@@ -381,6 +400,8 @@ def bench_generator(
     result.update(_run_info(dev, dtype, repeats))
     peak = bf16_peak_flops(result["device"]) if dev.type == "cuda" else None
     models = {"mmdit": (cfg, flops)}
+    if with_compile:  # regional torch.compile (`MMDiT.compile_blocks`); its first step's time is `compile_s`
+        models["mmdit_compiled"] = (cfg, flops)
     if with_flux:
         flux_flops = mmdit_flops(dataclasses.replace(cfg, mlp_ratio=4.0), n_img, txt_len, batch)
         models["flux"] = (cfg, flux_flops)
@@ -397,9 +418,151 @@ def bench_generator(
             "gflops_per_s": round(achieved / 1e9, 2),
             "peak_mb": round(r["peak_mb"], 1),
         }
+        if which == "mmdit_compiled":
+            out["compile_s"] = round(r["first_s"], 2)
         if peak is not None:
             out["mfu"] = round(achieved / peak, 4)
         result[which] = out
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+
+# The mixed-shape set of `bench_packing`: ((t, h, w) token grid, count); images, short and long clips, several
+# resolutions. Every sample has `txt_len` text tokens (T5 states padded to one length, as the trainer has them).
+PACKING_MIX: tuple[tuple[tuple[int, int, int], int], ...] = (
+    ((1, 8, 8), 4),
+    ((1, 6, 10), 3),
+    ((2, 8, 8), 2),
+    ((4, 6, 8), 1),
+    ((3, 8, 12), 1),
+)
+
+
+def _packing_phase(preset: str, mix: tuple, txt_len: int, device: str, dtype: str, repeats: int) -> dict:
+    """Time one training step (zero grads, forward, mean of the per-sample flow losses, backward; no optimizer step)
+    over the whole mixed set, per strategy: packed (one sequence; mask / split attention, varlen too on a GPU with
+    FlashAttention), bucketed (one batch per shape, the losses weighted so the gradient is the packed one's), and
+    padded (one batch, every sample padded to the longest; a cost proxy only, its padding is not masked)."""
+    dev, dt = torch.device(device), DTYPES[dtype]
+    torch.manual_seed(0)
+    cfg = generator_presets()[preset]()
+    model = MMDiT(cfg).to(dev, dt).train()
+    grids = [tuple(grid) for grid, count in mix for _ in range(count)]
+    samples, targets = [], []
+    for grid in grids:
+        n = grid[0] * grid[1] * grid[2]
+        samples.append(
+            Sample(
+                img=torch.randn(n, cfg.in_channels, device=dev, dtype=dt),
+                img_ids=make_ids(*grid, device=dev)[0],
+                txt=torch.randn(txt_len, cfg.context_in_dim, device=dev, dtype=dt),
+                txt_ids=make_txt_ids(1, txt_len, device=dev)[0],
+                timestep=torch.rand((), device=dev),
+                vec=torch.randn(cfg.vec_in_dim, device=dev, dtype=dt),
+            )
+        )
+        targets.append(torch.randn(1, n, cfg.in_channels, device=dev))
+    n_samples = len(samples)
+    packed = PackedBatch.from_samples(samples)
+
+    def packed_step(mode: str) -> Callable[[], None]:
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            packed_flow_losses(packed_forward(model, packed, mode), targets).mean().backward()
+
+        return step
+
+    buckets: dict[tuple, list[int]] = {}
+    for i, grid in enumerate(grids):
+        buckets.setdefault(grid, []).append(i)
+    batches = []
+    for grid, members in buckets.items():
+        b = len(members)
+        batches.append(
+            (
+                {
+                    "img": torch.stack([samples[i].img for i in members]),
+                    "img_ids": make_ids(*grid, batch=b, device=dev),
+                    "txt": torch.stack([samples[i].txt for i in members]),
+                    "txt_ids": make_txt_ids(b, txt_len, device=dev),
+                    "timesteps": torch.stack([samples[i].timestep for i in members]),
+                    "vec": torch.stack([samples[i].vec for i in members]),
+                },
+                torch.cat([targets[i] for i in members]),
+                b / n_samples,
+            )
+        )
+
+    def bucketed_step() -> None:
+        model.zero_grad(set_to_none=True)
+        for inputs, target, weight in batches:
+            (weight * flow_loss(model(**inputs).float(), target)).backward()
+
+    longest = max(packed.img_lens)
+    pad_grid = max(grids, key=lambda g: g[0] * g[1] * g[2])
+    pad = {
+        "img": torch.randn(n_samples, longest, cfg.in_channels, device=dev, dtype=dt),
+        "img_ids": make_ids(*pad_grid, batch=n_samples, device=dev),
+        "txt": torch.randn(n_samples, txt_len, cfg.context_in_dim, device=dev, dtype=dt),
+        "txt_ids": make_txt_ids(n_samples, txt_len, device=dev),
+        "timesteps": torch.rand(n_samples, device=dev),
+        "vec": torch.randn(n_samples, cfg.vec_in_dim, device=dev, dtype=dt),
+    }
+    pad_target = torch.randn(n_samples, longest, cfg.in_channels, device=dev)
+
+    def padded_step() -> None:
+        model.zero_grad(set_to_none=True)
+        flow_loss(model(**pad).float(), pad_target).backward()
+
+    steps = {"packed_mask": packed_step("mask"), "packed_split": packed_step("split")}
+    if resolve_mode("auto", packed.img) == "varlen":
+        steps["packed_varlen"] = packed_step("varlen")
+    steps.update({"bucketed": bucketed_step, "padded": padded_step})
+    tokens = packed.num_tokens
+    out: dict = {
+        "samples": n_samples,
+        "shapes": len(buckets),
+        "tokens": tokens,
+        "padded_tokens": n_samples * (longest + txt_len),
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    for name, step in steps.items():
+        m = _measure(step, dev, repeats, warmup=2)
+        out[name] = {
+            "median_s": round(m["median_s"], 4),
+            "tokens_per_s": round(tokens / m["median_s"], 1),  # real tokens only, padding not counted
+        }
+        if dev.type == "cuda":  # the allocator's peak is reset per strategy; process RSS on CPU is not
+            out[name]["peak_mb"] = round(m["peak_mb"], 1)
+    return out
+
+
+def bench_packing(
+    preset: str = "debug",
+    txt_len: int = 16,
+    repeats: int = 3,
+    device: str = "auto",
+    dtype: str = "fp32",
+    mix: tuple = PACKING_MIX,
+) -> dict:
+    """Sequence packing vs bucketing: training-step tokens/s over a mixed-shape set (`PACKING_MIX`, the same samples
+    for every strategy; see `_packing_phase`). tokens/s counts the set's real tokens (image + text) per step time, so
+    padding's extra work shows as lower throughput. Runs in its own process on CPU."""
+    presets = generator_presets()
+    if preset not in presets:
+        raise ValueError(f"unknown generator preset {preset!r}, expected one of {sorted(presets)}")
+    dev = resolve_device(device)
+    mix = tuple((tuple(int(x) for x in grid), int(count)) for grid, count in mix)
+    result: dict = {
+        "benchmark": "packing",
+        "preset": preset,
+        "mix": [[list(grid), count] for grid, count in mix],
+        "txt_tokens": txt_len,
+        "step": "forward + mean per-sample flow loss + backward, no optimizer step",
+    }
+    result.update(_run_info(dev, dtype, repeats))
+    result.update(_isolated(_packing_phase, (preset, mix, txt_len, str(dev), dtype, repeats), dev))
     return result
 
 
@@ -430,9 +593,11 @@ def report_markdown(sections: dict) -> str:
             "| phase | s per call | frames/s | peak memory (MB) |",
             "| --- | ---: | ---: | ---: |",
         ]
-        lines += [
-            f"| {p} | {t[p]['median_s']} | {t[p]['frames_per_s']} | {t[p]['peak_mb']} |" for p in ("encode", "decode")
-        ]
+        for p in ("encode", "encode_compiled", "decode", "decode_compiled"):
+            if p in t:
+                r = t[p]
+                name = p.replace("_compiled", f" (compiled; compile + first call {r.get('compile_s')} s)")
+                lines.append(f"| {name} | {r['median_s']} | {r['frames_per_s']} | {r['peak_mb']} |")
     if "generator" in sections:
         g = sections["generator"]
         lines += [
@@ -446,7 +611,12 @@ def report_markdown(sections: dict) -> str:
             "| model | params (M) | s/step | tokens/s | GFLOP/s | MFU | peak memory (MB) |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        names = {"mmdit": "cinedit MMDiT", "flux": "diffusers Flux (peer, same shape)"}
+        first = g.get("mmdit_compiled", {}).get("compile_s")
+        names = {
+            "mmdit": "cinedit MMDiT",
+            "mmdit_compiled": f"cinedit MMDiT, compiled (compile + first step {first} s)",
+            "flux": "diffusers Flux (peer, same shape)",
+        }
         for key, name in names.items():
             if key in g:
                 r = g[key]
@@ -455,6 +625,22 @@ def report_markdown(sections: dict) -> str:
                     f"| {name} | {r['params_m']} | {r['median_s']} | {r['tokens_per_s']} | {r['gflops_per_s']} | "
                     f"{mfu} | {r['peak_mb']} |"
                 )
+    if "packing" in sections:
+        k = sections["packing"]
+        lines += [
+            "",
+            "## Sequence packing vs bucketing",
+            "",
+            f"Preset {k['preset']}, {k['samples']} samples of {k['shapes']} shapes, {k['tokens']} tokens "
+            f"({k['txt_tokens']} text tokens each); {k['step']}.",
+            "",
+            "| strategy | s/step | tokens/s | peak memory (MB, CUDA only) |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for name in ("packed_varlen", "packed_mask", "packed_split", "bucketed", "padded"):
+            if name in k:
+                r = k[name]
+                lines.append(f"| {name} | {r['median_s']} | {r['tokens_per_s']} | {r.get('peak_mb', 'n/a')} |")
     return "\n".join(lines) + "\n"
 
 

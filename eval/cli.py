@@ -39,14 +39,20 @@ def _parity(args: argparse.Namespace) -> int:
 def _tokenizer_bench(args: argparse.Namespace, preset: str) -> dict:
 
     res = bench.bench_tokenizer(
-        preset, args.frames or 8, args.size or 128, args.batch, args.repeats, args.device, args.dtype
+        preset, args.frames or 8, args.size or 128, args.batch, args.repeats, args.device, args.dtype, args.compile
     )
     print(
         f"tokenizer {res['preset']} ({res['params_m']}M params), input {res['shape']}, {res['device']}, {res['dtype']}"
     )
-    for name in ("encode", "decode"):
+    for name in ("encode", "encode_compiled", "decode", "decode_compiled"):
+        if name not in res:
+            continue
         r = res[name]
-        print(f"  {name}: {r['frames_per_s']} frames/s ({r['median_s']} s per call), peak memory +{r['peak_mb']} MB")
+        first = f", compile + first call {r['compile_s']} s" if "compile_s" in r else ""
+        print(
+            f"  {name}: {r['frames_per_s']} frames/s ({r['median_s']} s per call), peak memory +{r['peak_mb']} MB"
+            f"{first}"
+        )
     return res
 
 
@@ -64,7 +70,7 @@ def _generator_bench(args: argparse.Namespace, preset: str, with_flux: bool, gri
     seq = 256 if args.seq is None else args.seq
     txt_len = 64 if args.txt_len is None else args.txt_len
     res = bench.bench_generator(
-        preset, seq, txt_len, args.batch, args.repeats, args.device, args.dtype, with_flux, grid
+        preset, seq, txt_len, args.batch, args.repeats, args.device, args.dtype, with_flux, grid, args.compile
     )
     print(
         f"generator {preset}, {res['img_tokens']} image tokens (grid {res['grid']}) + {res['txt_tokens']} text "
@@ -74,15 +80,27 @@ def _generator_bench(args: argparse.Namespace, preset: str, with_flux: bool, gri
         f"  training step = {res['step']}; analytic {res['flops']['train_step'] / 1e9:.3f} GFLOP per step "
         f"(3 x forward {res['flops']['forward'] / 1e9:.3f})"
     )
-    for name in ("mmdit", "flux"):
+    for name in ("mmdit", "mmdit_compiled", "flux"):
         if name not in res:
             continue
         r = res[name]
         mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        first = f", compile + first step {r['compile_s']} s" if "compile_s" in r else ""
         print(
             f"  {name:<5} ({r['params_m']}M params): {r['median_s']} s/step, {r['tokens_per_s']} tokens/s, "
-            f"{r['gflops_per_s']} GFLOP/s{mfu}, peak memory +{r['peak_mb']} MB"
+            f"{r['gflops_per_s']} GFLOP/s{mfu}, peak memory +{r['peak_mb']} MB{first}"
         )
+    return res
+
+
+def _packing_bench(args: argparse.Namespace, preset: str) -> dict:
+    res = bench.bench_packing(preset, 16 if args.txt_len is None else args.txt_len, args.repeats, args.device,
+                              args.dtype)  # fmt: skip
+    print(f"packing vs bucketing, generator {preset}, {res['samples']} samples of {res['shapes']} shapes, "
+          f"{res['tokens']} tokens, {res['device']}")  # fmt: skip
+    for name in ("packed_varlen", "packed_split", "packed_mask", "bucketed", "padded"):
+        if name in res:
+            print(f"  {name}: {res[name]['tokens_per_s']} tokens/s ({res[name]['median_s']} s/step)")
     return res
 
 
@@ -119,6 +137,9 @@ def _bench(args: argparse.Namespace) -> int:
             preset = (args.generator_preset if args.model == "all" else args.preset) or "debug"
             with_flux = args.with_flux or args.model == "all"  # the report always has its peer
             sections["generator"] = _generator_bench(args, preset, with_flux, grid_from_clip=args.model == "generator")
+        if args.model in ("packing", "all"):
+            preset = (args.generator_preset if args.model == "all" else args.preset) or "debug"
+            sections["packing"] = _packing_bench(args, preset)
     except (KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -158,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--model",
-        choices=["tokenizer", "generator", "all"],
+        choices=["tokenizer", "generator", "packing", "all"],
         default="tokenizer",
-        help="all: both, the generator with its Flux peer (default tokenizer)",
+        help="packing: sequence packing vs bucketing on a mixed-shape set (generator preset); all: every one, the "
+        "generator with its Flux peer (default tokenizer)",
     )
     b.add_argument(
         "--preset",
@@ -187,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     b.add_argument(
         "--with-flux", action="store_true", help="generator: also measure diffusers' Flux transformer of the same shape"
+    )
+    b.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure the regional torch.compile path (compile_blocks) side by side with eager, and its "
+        "compile time",
     )
     b.add_argument("--tokenizer-preset", help="--model all: tokenizer preset (default f32t4c128)")
     b.add_argument("--generator-preset", help="--model all: generator preset (default debug); its tokens: --seq")

@@ -42,7 +42,10 @@ def test_all_writes_report_with_flux_peer(tmp_path, capsys):
     cfg = res["config"]
     cond_in = ((cfg["in_channels"] // cfg["patch_size"] ** 2 + 1) * cfg["patch_size"] ** 2 + 1) * cfg["hidden_size"]
     assert res["mmdit"]["params"] - res["flux"]["params"] == cond_in
+    pk = report["packing"]
+    assert pk["packed_split"]["tokens_per_s"] > 0 and pk["bucketed"]["tokens_per_s"] > 0
     md = (out / "bench.md").read_text()
+    assert "## Sequence packing vs bucketing" in md and f"| packed_split | {pk['packed_split']['median_s']} |" in md
     assert f"| encode | {tok['encode']['median_s']} | {tok['encode']['frames_per_s']} |" in md
     assert f"| diffusers Flux (peer, same shape) | {res['flux']['params_m']} | {res['flux']['median_s']} |" in md
     assert "input (B, C, T, H, W) = (1, 3, 4, 32, 32)" in md and "threads" in md
@@ -71,7 +74,8 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "bench", "--help"])
     assert e.value.code == 0
-    assert "--model {tokenizer,generator,all}" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "--model {tokenizer,generator,packing,all}" in text and "--compile" in text
 
 
 def test_analytic_flops_match_flop_counter():
@@ -122,3 +126,17 @@ def test_generator_token_grids_and_gpu_peaks(capsys):
     assert main(["eval", "bench", "--with-flux"]) == 2  # generator-only flag with the tokenizer
     assert main(["eval", "bench", "--model", "generator", "--seq", "16", "--frames", "4"]) == 2
     assert "only apply to --model generator" in capsys.readouterr().err
+
+
+def test_the_compiled_step_is_measured_with_its_compile_time(monkeypatch):
+    from cinedit.eval import bench
+    from cinedit.generator.model import MMDiT
+
+    compiled = []
+    original = MMDiT.compile_blocks
+    # aot_eager: Dynamo capture without Inductor's C++ code generation, which takes minutes on this CPU.
+    monkeypatch.setattr(MMDiT, "compile_blocks", lambda self: compiled.append(original(self, backend="aot_eager")))
+    cfg = bench.generator_presets()["debug"]()
+    r = bench._train_phase("mmdit_compiled", cfg, (1, 4, 4), 8, 1, "cpu", "fp32", 1)
+    assert len(compiled) == 1 and len(compiled[0]) == cfg.depth + cfg.depth_single_blocks
+    assert r["first_s"] > r["median_s"] > 0
