@@ -1,9 +1,9 @@
 """Video DC-AE training losses: L1 + LPIPS reconstruction, and the adversarial phase's 3D PatchGAN.
 
 Phase 1 trains on `ReconstructionLoss` alone (L1 + 0.5 * LPIPS on VGG16 features, per frame; no KL: the
-autoencoder is deterministic). Phase 2 adds `PatchDiscriminator3D` with the hinge loss; the generator's
-adversarial term is weighted adaptively (`adaptive_weight`) so its gradient at the decoder's last layer stays
-commensurate with the reconstruction gradient.
+autoencoder is deterministic), optionally plus `latent_regulariser` (a penalty on the latents' second moment).
+Phase 2 adds `PatchDiscriminator3D` with the hinge loss; the generator's adversarial term is weighted adaptively
+(`adaptive_weight`) so its gradient at the decoder's last layer stays commensurate with the reconstruction gradient.
 """
 
 from __future__ import annotations
@@ -35,6 +35,30 @@ class ReconstructionLoss(nn.Module):
             parts["lpips"] = p.detach()
             loss = loss + self.lpips_weight * p
         return loss, parts
+
+
+def latent_regulariser(z: Tensor, weight: float) -> Tensor:
+    """weight * mean(z^2) (in float32): a penalty on the latents' second moment, so on their scale and their mean.
+
+    The encoder's output has no normalisation and the decoder's blocks are RMSNorm'd, so nothing in the
+    reconstruction loss fixes the latent scale: without this term it drifts (the `debug` preset reached a std of
+    ~2e4, with image latents far smaller than video ones). Exactly 0 (no graph) when weight is 0.
+    """
+    if weight == 0:
+        return torch.zeros((), device=z.device)
+    return weight * z.float().square().mean()
+
+
+def latent_moments(z: Tensor) -> tuple[float, float, float]:
+    """(count, sum, sum of squares) of z in float64: summed over batches / ranks, they give a mean and std."""
+    z = z.detach().double()
+    return float(z.numel()), float(z.sum()), float(z.square().sum())
+
+
+def moments_std(count: float, total: float, squares: float) -> tuple[float, float]:
+    """(mean, std) from `latent_moments` sums (population std, floored at 0)."""
+    mean = total / count
+    return mean, max(squares / count - mean * mean, 0.0) ** 0.5
 
 
 def build_reconstruction_loss(cfg: LossConfig) -> ReconstructionLoss:
@@ -130,4 +154,7 @@ __all__ = [
     "build_reconstruction_loss",
     "generator_adv_loss",
     "hinge_d_loss",
+    "latent_moments",
+    "latent_regulariser",
+    "moments_std",
 ]

@@ -15,6 +15,8 @@ import argparse
 import dataclasses
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,9 @@ from cinedit.tokenizer.losses import (
     build_reconstruction_loss,
     generator_adv_loss,
     hinge_d_loss,
+    latent_moments,
+    latent_regulariser,
+    moments_std,
 )
 from cinedit.tokenizer.metrics import psnr
 from cinedit.tokenizer.model import PRESETS as MODEL_PRESETS
@@ -250,17 +255,37 @@ def uses_images(tr: Trainer, step: int) -> bool:
     return bool(uniform(tr.cfg.train.seed, step, 0x1A6E)[0] < tr.cfg.train.image_share)
 
 
+@contextmanager
+def capture_latents(model: VideoDCAE) -> Iterator[list[torch.Tensor]]:
+    """The encoder outputs (with their graphs) of the forwards run inside the block, through a forward hook: the
+    latents of `tr.model(x)` without a second encode, whatever wraps the model (DDP, ZeRO, compiled stages)."""
+    latents: list[torch.Tensor] = []
+    handle = model.encoder.register_forward_hook(lambda _m, _i, z: latents.append(z))
+    try:
+        yield latents
+    finally:
+        handle.remove()
+
+
 def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float]:
     """One generator update (and one discriminator update in the adversarial phase); returns scalars to log."""
     cfg, dev = tr.cfg, tr.info.device
     x = batch["video"].to(dev, non_blocking=True)
     adversarial = tr.disc is not None and step >= cfg.disc.start
     tr.model.train()
-    with autocast(dev, cfg.parallel.precision):
+    with capture_latents(tr.module) as latents, autocast(dev, cfg.parallel.precision):
         rec = tr.model(x)
+    z = latents[-1]
     nll, parts = tr.loss_fn(x, rec)
     out = {f"loss/{k}": float(v) for k, v in parts.items()}
+    # The training batch's latent statistics (all images or all videos: `images` says which).
+    mean, std = moments_std(*latent_moments(z))
+    out.update({"latent/mean": mean, "latent/std": std})
     loss = nll
+    if cfg.loss.latent_weight > 0:
+        reg = latent_regulariser(z, cfg.loss.latent_weight)
+        out["loss/latent"] = float(reg.detach())
+        loss = loss + reg
     if adversarial:
         # The generator's pass goes through the bare discriminator with frozen weights: no gradient for it here,
         # and no DDP forward without a matching backward.
@@ -270,7 +295,7 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
             logits_fake = disc(rec)
         g_loss = generator_adv_loss(logits_fake.float())
         weight = adaptive_weight(nll, g_loss, tr.last_layer(), cfg.disc.max_adaptive) * cfg.disc.weight
-        loss = nll + weight * g_loss
+        loss = loss + weight * g_loss
         out.update({"loss/g_adv": float(g_loss.detach()), "adaptive_weight": float(weight)})
         disc.requires_grad_(True)
     out["loss/total"] = float(loss.detach())
@@ -299,29 +324,44 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
 
 @torch.no_grad()
 def evaluate(tr: Trainer) -> tuple[dict[str, float], torch.Tensor | None]:
-    """Mean L1 and PSNR (`cinedit.tokenizer.metrics.psnr`) of EMA reconstructions of the held-out clips.
+    """Mean L1 and PSNR (`cinedit.tokenizer.metrics.psnr`) of EMA reconstructions of the held-out clips, and the
+    statistics of their latents: `latent/{mean,std}_video` of the clips, `latent/{mean,std}_image` of their middle
+    frames encoded as images, and `latent/std_ratio` = std_video / std_image (one scaling factor serves both only
+    when it is near 1).
 
     Returns the metrics over all ranks and, on the main rank, one (3, H, 2W) image: a middle frame and its
     reconstruction side by side.
     """
     model, dev, bs = tr.ema.module, tr.info.device, tr.cfg.data.eval_batch
     l1_sum, psnr_sum, n = 0.0, 0.0, 0
+    moments = {"video": [0.0, 0.0, 0.0], "image": [0.0, 0.0, 0.0]}
     preview = None
     for i in range(0, len(tr.data.heldout), bs):
         x = torch.stack(tr.data.heldout[i : i + bs]).to(dev)
+        t = x.shape[2] // 2
         with autocast(dev, tr.cfg.parallel.precision):
-            rec = model(x)
+            z = model.encode(x)
+            rec = model.decode(z, num_frames=x.shape[2])  # = model(x)
+            z_image = model.encode(x[:, :, t : t + 1]) if x.shape[2] > 1 else z
+        for kind, lat in (("video", z if x.shape[2] > 1 else None), ("image", z_image)):
+            if lat is not None:
+                moments[kind] = [a + b for a, b in zip(moments[kind], latent_moments(lat))]
         rec = rec.float().clamp(-1, 1)
         l1_sum += float((rec - x).abs().mean(dim=(1, 2, 3, 4)).sum())
         psnr_sum += float(psnr(rec, x).sum())  # inf when a clip comes back exactly, as in `cinedit eval recon`
         n += x.shape[0]
         if preview is None:
-            t = x.shape[2] // 2
             preview = (torch.cat([x[0, :, t], rec[0, :, t]], dim=-1) + 1) / 2
-    l1_sum, psnr_sum, n = all_reduce_sum([l1_sum, psnr_sum, float(n)], dev)
+    l1_sum, psnr_sum, n, *sums = all_reduce_sum([l1_sum, psnr_sum, float(n), *moments["video"], *moments["image"]], dev)
     if n == 0:
         return {}, None
-    return {"val/l1": l1_sum / n, "val/psnr": psnr_sum / n}, preview
+    metrics = {"val/l1": l1_sum / n, "val/psnr": psnr_sum / n}
+    for kind, kind_sums in (("video", sums[:3]), ("image", sums[3:])):
+        if kind_sums[0] > 0:
+            metrics[f"latent/mean_{kind}"], metrics[f"latent/std_{kind}"] = moments_std(*kind_sums)
+    if metrics.get("latent/std_image", 0) > 0 and "latent/std_video" in metrics:
+        metrics["latent/std_ratio"] = metrics["latent/std_video"] / metrics["latent/std_image"]
+    return metrics, preview
 
 
 # ----------------------------------------------------------------------------------------------------------------------
