@@ -313,8 +313,10 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         model = build_controlled(model, cfg)
     if cfg.model.compile:
         if cfg.control.enabled:
-            raise ConfigError("model.compile=true with control.enabled is not built (the adapter runs through hooks): "
-                              "pass --model.compile=false")
+            raise ConfigError(
+                "model.compile=true with control.enabled is not built (the adapter runs through hooks): "
+                "pass --model.compile=false"
+            )
         model.compile_blocks()
     ema = None
     if cfg.ema.enabled:
