@@ -77,15 +77,21 @@ class BucketBatchSampler:
         self._consumed = 0  # global batches of this epoch handed out
         self._plan_cache: tuple[tuple[int, int], _Plan] | None = None
 
-    def _plan(self, epoch: int) -> _Plan:
-        key = (self.seed, epoch)
-        if self._plan_cache is not None and self._plan_cache[0] == key:
-            return self._plan_cache[1]
+    def _codes(self, epoch: int) -> np.ndarray:
+        """Every sample's bucket code this epoch (-1: dropped), seeded by (seed, epoch); with `exact_shape`, a sample
+        whose bucket shape is not its stored shape is dropped."""
         codes = self.bucketer.assign_meta(self.meta, seed=mix_seed(self.seed, epoch))
         if self.exact_shape:
             shapes = np.array([b.shape for b in self.bucketer.buckets] + [(-1, -1, -1)])
             stored = self.meta[["num_frames", "height", "width"]].to_numpy()
             codes = np.where((shapes[codes] == stored).all(axis=1), codes, -1)
+        return codes
+
+    def _plan(self, epoch: int) -> _Plan:
+        key = (self.seed, epoch)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1]
+        codes = self._codes(epoch)
         rng = np.random.default_rng(mix_seed(self.seed, epoch, 1))
         flat, sizes, batch_codes = [], [], []
         # Group sample indices by bucket in one sort (buckets x samples comparisons would not scale).
@@ -218,11 +224,7 @@ class PackingSampler(BucketBatchSampler):
         key = (self.seed, epoch)
         if self._plan_cache is not None and self._plan_cache[0] == key:
             return self._plan_cache[1]
-        codes = self.bucketer.assign_meta(self.meta, seed=mix_seed(self.seed, epoch))
-        if self.exact_shape:
-            shapes = np.array([b.shape for b in self.bucketer.buckets] + [(-1, -1, -1)])
-            stored = self.meta[["num_frames", "height", "width"]].to_numpy()
-            codes = np.where((shapes[codes] == stored).all(axis=1), codes, -1)
+        codes = self._codes(epoch)
         rng = np.random.default_rng(mix_seed(self.seed, epoch, 2))
         order = rng.permutation(np.flatnonzero(codes >= 0))
         need = self.bucket_tokens[codes[order]]
