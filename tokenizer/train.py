@@ -324,10 +324,10 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
 
 @torch.no_grad()
 def evaluate(tr: Trainer) -> tuple[dict[str, float], torch.Tensor | None]:
-    """Mean L1 and PSNR (`cinedit.tokenizer.metrics.psnr`) of EMA reconstructions of the held-out clips, and the
-    statistics of their latents: `latent/{mean,std}_video` of the clips, `latent/{mean,std}_image` of their middle
-    frames encoded as images, and `latent/std_ratio` = std_video / std_image (one scaling factor serves both only
-    when it is near 1).
+    """Mean L1 and PSNR (`cinedit.tokenizer.metrics.psnr`) of EMA reconstructions (`model(x)`) of the held-out
+    clips, and, for a tokenizer, the statistics of their latents: `latent/{mean,std}_video` of the clips,
+    `latent/{mean,std}_image` of their middle frames encoded as images, and `latent/std_ratio` = std_video /
+    std_image (one scaling factor serves both only when it is near 1).
 
     Returns the metrics over all ranks and, on the main rank, one (3, H, 2W) image: a middle frame and its
     reconstruction side by side.
@@ -339,10 +339,15 @@ def evaluate(tr: Trainer) -> tuple[dict[str, float], torch.Tensor | None]:
     for i in range(0, len(tr.data.heldout), bs):
         x = torch.stack(tr.data.heldout[i : i + bs]).to(dev)
         t = x.shape[2] // 2
+        z = z_image = None
         with autocast(dev, tr.cfg.parallel.precision):
-            z = model.encode(x)
-            rec = model.decode(z, num_frames=x.shape[2])  # = model(x)
-            z_image = model.encode(x[:, :, t : t + 1]) if x.shape[2] > 1 else z
+            if hasattr(model, "encoder"):  # a tokenizer: its latents come along (a bare reconstruction has none)
+                with capture_latents(model) as latents:
+                    rec = model(x)
+                z = latents[-1]
+                z_image = model.encode(x[:, :, t : t + 1]) if x.shape[2] > 1 else z
+            else:
+                rec = model(x)
         for kind, lat in (("video", z if x.shape[2] > 1 else None), ("image", z_image)):
             if lat is not None:
                 moments[kind] = [a + b for a, b in zip(moments[kind], latent_moments(lat))]
