@@ -5,6 +5,7 @@ Each preset is a function returning a `TokenizerTrainConfig`; `PRESETS` register
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ DCAE_PRESETS = ("f32t4c128", "f32t4c256", "debug")
 # `tokenizer.path` / `cinedit data cache --tokenizer` value for the debug preset with random (seeded) weights.
 DEBUG_TOKENIZER = "debug"
 LPIPS_NETS = ("alex", "vgg")
+LR_DECAYS = ("constant", "cosine")
 # Fields a resumed tokenizer run may change: the loop's, and the start of the adversarial phase (phase 2 continues
 # a phase-1 run).
 TOKENIZER_RUN_CONTROL = (*RUN_CONTROL, "disc.start")
@@ -59,6 +61,11 @@ class TokenizerDataConfig(DataConfig):
     val_fraction: float = 0.05
     val_max: int = 64  # at most this many held-out clips
     square: bool = True  # crop every bucket to a square of the same pixel count (DC-AE trains on square crops)
+    # Training windows (`TrainCrops`): read each sample at a seeded scale in [1, crop_scale] times its bucket's size
+    # and cut a seeded random window of the bucket's size (1: the whole frame, resized); `flip` mirrors half of them.
+    # Both off in the release recipe; on in `debug`, where a handful of clips must give many distinct windows.
+    crop_scale: float = 1.0
+    flip: bool = False
     eval_frames: int = 32  # held-out clips are read at (eval_frames, eval_size, eval_size)
     eval_size: int = 256
     eval_batch: int = 1
@@ -73,6 +80,8 @@ class TokenizerDataConfig(DataConfig):
             raise ConfigError(f"data.eval_frames must be 1 or a multiple of 4, got {self.eval_frames}")
         if self.eval_batch < 1:
             raise ConfigError(f"data.eval_batch must be >= 1, got {self.eval_batch}")
+        if not 1 <= self.crop_scale <= 8:
+            raise ConfigError(f"data.crop_scale must be in [1, 8] (1: whole frames), got {self.crop_scale}")
 
 
 @dataclass
@@ -80,6 +89,8 @@ class LossConfig:
     """Reconstruction loss weights; LPIPS uses VGG16 (its ImageNet backbone is a local file, see `lpips`)."""
 
     l1_weight: float = 1.0
+    # Squared error, the quantity PSNR measures; off in the release recipe (L1 + LPIPS), on in `debug`.
+    mse_weight: float = 0.0
     lpips_weight: float = 0.5
     lpips: LPIPSConfig = field(default_factory=lambda: LPIPSConfig(net="vgg"))
     lpips_frames_per_batch: int = 0  # chunk LPIPS over frames to bound memory (0: all at once)
@@ -88,10 +99,10 @@ class LossConfig:
     latent_weight: float = 0.0
 
     def validate(self) -> None:
-        if self.l1_weight < 0 or self.lpips_weight < 0 or self.latent_weight < 0:
+        if min(self.l1_weight, self.mse_weight, self.lpips_weight, self.latent_weight) < 0:
             raise ConfigError(
-                f"loss weights must be >= 0, got l1 {self.l1_weight}, lpips {self.lpips_weight}, "
-                f"latent {self.latent_weight}"
+                f"loss weights must be >= 0, got l1 {self.l1_weight}, mse {self.mse_weight}, lpips "
+                f"{self.lpips_weight}, latent {self.latent_weight}"
             )
 
 
@@ -128,9 +139,29 @@ class TokenizerOptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     weight_decay: float = 0.0  # gradient clipping is parallel.grad_clip (ZeRO clips inside its step)
+    # Schedule (`lr_at`): linear warm-up over `warmup_steps`, then "constant" (the release recipe) or "cosine" decay
+    # to min_lr_ratio * lr at train.steps.
+    warmup_steps: int = 0
+    decay: str = "constant"
+    min_lr_ratio: float = 0.0
 
     def validate(self) -> None:
         check_adamw("optim", self.lr, self.betas, self.eps, self.weight_decay)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay not in LR_DECAYS:
+            raise ConfigError(f"optim.decay must be one of {list(LR_DECAYS)}, got {self.decay!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    def lr_at(self, step: int, total: int) -> float:
+        """The learning rate of (1-based) step `step` of a `total`-step run."""
+        if self.warmup_steps and step <= self.warmup_steps:
+            return self.lr * step / self.warmup_steps
+        if self.decay == "constant" or total <= self.warmup_steps:
+            return self.lr
+        progress = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @dataclass
@@ -210,8 +241,10 @@ def debug() -> TokenizerTrainConfig:
             eval_frames=8,
             eval_size=64,
             eval_batch=2,
+            crop_scale=2.0,
+            flip=True,
         ),
-        loss=LossConfig(lpips_weight=0.0, latent_weight=1e-2),
+        loss=LossConfig(lpips_weight=0.0, mse_weight=1.0, latent_weight=1e-2),
         disc=DiscConfig(start=5, filters=8),
         optim=TokenizerOptimConfig(lr=1e-3),
         train=TokenizerLoopConfig(

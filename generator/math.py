@@ -86,10 +86,45 @@ def apply_rope(x: Tensor, pe: Tensor, layout: str) -> Tensor:
     return out.type_as(x)
 
 
-def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+def rms_norm_plain(x: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last dim, normalised in float32 and cast back before the gain."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)).to(x.dtype) * scale
+
+
+# Fused RMSNorm: Liger-Kernel's Triton kernel (`liger_kernel`, optional) on CUDA tensors whose gain has their dtype,
+# in its "llama" casting mode, which is `rms_norm_plain`'s arithmetic (float32 statistics, cast back, then the
+# gain) in one kernel forward and one backward. Inside torch.compile the plain path runs (Inductor fuses it).
+# CINEDIT_FUSED=0 turns fused kernels off.
+@functools.cache
+def liger_rms_norm():
+    """Liger-Kernel's RMSNorm autograd function, or None when the package (or its Triton) is not installed."""
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+    except ImportError:
+        return None
+    return LigerRMSNormFunction.apply
+
+
+def fused_enabled() -> bool:
+    value = os.environ.get("CINEDIT_FUSED", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"CINEDIT_FUSED={value!r}: use 1 (fused kernels where installed, the default) or 0 (off)")
+    return value == "1"
+
+
+def rms_norm_backend(x: Tensor, scale: Tensor) -> str:
+    """The kernel `rms_norm` uses for these tensors: "liger" or "plain"."""
+    fused = x.is_cuda and scale.dtype == x.dtype and not torch.compiler.is_compiling()
+    return "liger" if fused and fused_enabled() and liger_rms_norm() is not None else "plain"
+
+
+def rms_norm(x: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim (`rms_norm_plain`), through the fused kernel where one is at hand."""
+    if rms_norm_backend(x, scale) == "liger":
+        shape = x.shape
+        return liger_rms_norm()(x.reshape(-1, shape[-1]), scale, eps, 0.0, "llama", False).reshape(shape)
+    return rms_norm_plain(x, scale, eps)
 
 
 # Attention kernels for CUDA tensors in bf16 / fp16, fastest first: FlashAttention-3 (`flash_attn_interface`, Hopper

@@ -35,9 +35,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 NOMINAL_PEAK_TFLOPS = 989.0  # H100/H200 SXM dense bf16
-SECTIONS = ("matmul", "mmdit_train", "zero_train", "tokenizer", "parity", "mmdit_11b")
+SECTIONS = ("matmul", "fused", "mmdit_train", "zero_train", "tokenizer", "parity", "mmdit_11b")
 # Seconds per section on the GPU (the whole run stays under 8 minutes with start-up and pip); tiny runs use TINY.
-BUDGETS = {"matmul": 25, "mmdit_train": 130, "zero_train": 80, "tokenizer": 80, "parity": 50, "mmdit_11b": 60}
+BUDGETS = {
+    "matmul": 25,
+    "fused": 15,
+    "mmdit_train": 130,
+    "zero_train": 80,
+    "tokenizer": 80,
+    "parity": 50,
+    "mmdit_11b": 60,
+}
 TINY_BUDGET = 40
 STARTUP_GRACE = 25  # a child's imports and CUDA start-up, on top of its budget, before it is killed
 
@@ -233,6 +241,42 @@ def sec_matmul(ctx: Ctx) -> str:
     return (
         f"{r['tflops']} TFLOP/s measured ({100 * r['tflops'] / NOMINAL_PEAK_TFLOPS:.0f}% of {NOMINAL_PEAK_TFLOPS:.0f})"
     )
+
+
+def sec_fused(ctx: Ctx) -> str:
+    """Fused kernels against the plain path: `rms_norm` (Liger-Kernel where installed) on the 2B's hidden width in
+    bf16, forward and backward; max abs errors and the median time of each path."""
+    import torch
+
+    from cinedit.generator import math as gmath
+
+    rows, width = (64, 64) if ctx.tiny else (16384, 3072)
+    x = torch.randn(rows, width, device=ctx.device, dtype=torch.bfloat16, requires_grad=True)
+    w = (1 + 0.1 * torch.randn(width, device=ctx.device, dtype=torch.bfloat16)).requires_grad_()
+    backend = gmath.rms_norm_backend(x.detach(), w.detach())
+
+    def run() -> dict:
+        g = torch.randn_like(x)
+
+        def step(fn):
+            x.grad = w.grad = None
+            y = fn(x, w, 1e-6)
+            y.backward(g)
+            return y.detach(), x.grad.detach(), w.grad.detach()
+
+        plain, fused = step(gmath.rms_norm_plain), step(gmath.rms_norm)
+        out = {"backend": backend, "rows": rows, "width": width, "dtype": "bf16"}
+        for name, a, b in zip(("y", "dx", "dw"), plain, fused):
+            out[f"max_abs_err_{name}"] = float((a.float() - b.float()).abs().max())
+        for name, fn in (("plain", gmath.rms_norm_plain), ("fused", gmath.rms_norm)):
+            out[f"{name}_median_s"] = median(ctx.time_calls(lambda fn=fn: step(fn), warmup=3, repeats=10))
+        return out
+
+    r = ctx.part("rms_norm_bf16", run)
+    if r is None:
+        raise RuntimeError("rms_norm comparison failed")
+    speed = r["plain_median_s"] / r["fused_median_s"]
+    return f"rms_norm {backend}: {speed:.2f}x the plain path, max err y {r['max_abs_err_y']:.2g}"
 
 
 def _mmdit_shapes(tiny: bool) -> list[dict]:
@@ -650,6 +694,7 @@ def sec_mmdit_11b(ctx: Ctx) -> str:
 
 SECTION_FNS = {
     "matmul": sec_matmul,
+    "fused": sec_fused,
     "mmdit_train": sec_mmdit_train,
     "zero_train": sec_zero_train,
     "tokenizer": sec_tokenizer,

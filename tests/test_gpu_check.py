@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-SECTIONS = ("matmul", "mmdit_train", "zero_train", "tokenizer", "parity", "mmdit_11b")
+SECTIONS = ("matmul", "fused", "mmdit_train", "zero_train", "tokenizer", "parity", "mmdit_11b")
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_gpu_check_dry_run(tmp_path):
     # The injected failure is recorded, and the sections after it still ran.
     assert sections["tokenizer"]["status"] == "error"
     assert "injected" in sections["tokenizer"]["error"]
-    for name in ("matmul", "mmdit_train", "mmdit_11b"):
+    for name in ("matmul", "fused", "mmdit_train", "mmdit_11b"):
         assert sections[name]["status"] == "ok", (name, sections[name])
     train = sections["mmdit_train"]["parts"]
     assert {p["status"] for p in train.values()} == {"ok"}

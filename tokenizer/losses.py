@@ -1,4 +1,4 @@
-"""Video DC-AE training losses: L1 + LPIPS reconstruction, and the adversarial phase's 3D PatchGAN.
+"""Video DC-AE training losses: L1 (+ squared error) + LPIPS reconstruction, and the adversarial phase's 3D PatchGAN.
 
 Phase 1 trains on `ReconstructionLoss` alone (L1 + 0.5 * LPIPS on VGG16 features, per frame; no KL: the
 autoencoder is deterministic), optionally plus `latent_regulariser` (a penalty on the latents' second moment).
@@ -16,13 +16,21 @@ from cinedit.tokenizer.lpips import LPIPS, build_lpips, lpips_video
 
 
 class ReconstructionLoss(nn.Module):
-    """l1_weight * |x - rec| + lpips_weight * LPIPS(x, rec) per frame, both means over the batch -> scalar."""
+    """l1_weight * |x - rec| + mse_weight * (x - rec)^2 + lpips_weight * LPIPS(x, rec) per frame, each a mean over
+    the batch -> scalar."""
 
-    def __init__(self, l1_weight: float = 1.0, lpips_weight: float = 0.0, lpips: LPIPS | None = None, chunk: int = 0):
+    def __init__(
+        self,
+        l1_weight: float = 1.0,
+        lpips_weight: float = 0.0,
+        lpips: LPIPS | None = None,
+        chunk: int = 0,
+        mse_weight: float = 0.0,
+    ):
         super().__init__()
         if lpips_weight > 0 and lpips is None:
             raise ValueError("lpips_weight > 0 needs an LPIPS network")
-        self.l1_weight, self.lpips_weight, self.chunk = l1_weight, lpips_weight, chunk
+        self.l1_weight, self.lpips_weight, self.chunk, self.mse_weight = l1_weight, lpips_weight, chunk, mse_weight
         self.lpips = lpips if lpips_weight > 0 else None
 
     def forward(self, x: Tensor, rec: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -30,6 +38,10 @@ class ReconstructionLoss(nn.Module):
         l1 = (x - rec).abs().mean()
         parts = {"l1": l1.detach()}
         loss = self.l1_weight * l1
+        if self.mse_weight > 0:
+            mse = (x - rec).square().mean()
+            parts["mse"] = mse.detach()
+            loss = loss + self.mse_weight * mse
         if self.lpips is not None:
             p = lpips_video(self.lpips, rec, x, self.chunk).mean()
             parts["lpips"] = p.detach()
@@ -65,7 +77,7 @@ def build_reconstruction_loss(cfg: LossConfig) -> ReconstructionLoss:
     """The loss of a config; with lpips_weight > 0 and no VGG16 backbone file it raises `LPIPSUnavailable`."""
     cfg.validate()
     metric = build_lpips(cfg.lpips) if cfg.lpips_weight > 0 else None
-    return ReconstructionLoss(cfg.l1_weight, cfg.lpips_weight, metric, cfg.lpips_frames_per_batch)
+    return ReconstructionLoss(cfg.l1_weight, cfg.lpips_weight, metric, cfg.lpips_frames_per_batch, cfg.mse_weight)
 
 
 class PatchDiscriminator3D(nn.Module):

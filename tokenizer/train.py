@@ -87,19 +87,44 @@ def build_model(cfg: TokenizerModelConfig) -> VideoDCAE:
     return init_from_image_dcae(cfg.init_from)
 
 
-class SquareCrops(Dataset):
-    """A `VideoDataset` read at a square of its bucket's pixel count (a 32-multiple side) instead of its aspect."""
+class TrainCrops(Dataset):
+    """The tokenizer's training read of a `VideoDataset`: a square of its bucket's pixel count (a 32-multiple side)
+    when `square`, and with `crop_scale` > 1 a random window of the bucket's size cut from the clip read up to
+    `crop_scale` times larger; `flip` mirrors half the samples left-right.
 
-    def __init__(self, dataset: VideoDataset, multiple: int = 32):
+    Scale, window and flip are drawn from the sample's seed (the sampler's), so a resumed run reads the same pixels.
+    With crop_scale 1 and no flip the sample is the plain resize-to-fill and centre crop.
+    """
+
+    def __init__(
+        self,
+        dataset: VideoDataset,
+        multiple: int = 32,
+        square: bool = True,
+        crop_scale: float = 1.0,
+        flip: bool = False,
+    ):
         self.dataset, self.meta, self.multiple = dataset, dataset.meta, multiple
+        self.square, self.crop_scale, self.flip = square, crop_scale, flip
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, item: Any) -> dict[str, Any]:
         index, t, h, w, *seed = item
-        side = max(self.multiple, round(math.sqrt(h * w) / self.multiple) * self.multiple)
-        return self.dataset[(index, t, side, side, *seed)]
+        if self.square:
+            h = w = max(self.multiple, round(math.sqrt(h * w) / self.multiple) * self.multiple)
+        if self.crop_scale == 1 and not self.flip:
+            return self.dataset[(index, t, h, w, *seed)]
+        rng = np.random.default_rng(mix_seed(seed[0] if seed else index, 0xC407))
+        scale = rng.uniform(1.0, self.crop_scale)
+        big_h, big_w = max(h, round(h * scale)), max(w, round(w * scale))
+        sample = self.dataset[(index, t, big_h, big_w, *seed)]
+        y, x = int(rng.integers(big_h - h + 1)), int(rng.integers(big_w - w + 1))
+        video = sample["video"][..., y : y + h, x : x + w]
+        if self.flip and rng.random() < 0.5:
+            video = video.flip(-1)
+        return {**sample, "video": video.contiguous(), "height": h, "width": w}
 
 
 def split_meta(meta: pd.DataFrame, cfg: TokenizerDataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -150,8 +175,8 @@ def build_data(cfg: TokenizerTrainConfig, info: DistInfo) -> TrainData:
 
     def loader(m: pd.DataFrame, rank: int, size: int) -> BucketLoader:
         ds: Dataset = VideoDataset(m, dcfg, replace_bad=True)  # a bad file must not end the run
-        if dcfg.square:
-            ds = SquareCrops(ds, dcfg.buckets.multiple)
+        if dcfg.square or dcfg.crop_scale > 1 or dcfg.flip:
+            ds = TrainCrops(ds, dcfg.buckets.multiple, dcfg.square, dcfg.crop_scale, dcfg.flip)
         sampler = build_sampler(ds, dcfg, rank, size)
         if len(sampler) == 0:
             raise ValueError(
@@ -299,6 +324,9 @@ def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float
         out.update({"loss/g_adv": float(g_loss.detach()), "adaptive_weight": float(weight)})
         disc.requires_grad_(True)
     out["loss/total"] = float(loss.detach())
+    lr = cfg.optim.lr_at(step, cfg.train.steps)
+    for group in tr.optimizer.param_groups:
+        group["lr"] = lr
     tr.booster.backward(loss, tr.optimizer)
     out["grad_norm"] = tr.booster.step(tr.model, tr.optimizer, cfg.parallel.grad_clip)
     tr.ema.update(tr.module)

@@ -88,6 +88,7 @@ from cinedit.demo.plan import (
     DemoError,
     Plan,
     PlanError,
+    adversarial_start,
     command_line,
     derive_steps,
     every,
@@ -263,7 +264,8 @@ def run_args(run: Run, steps: int, out_dir: Path) -> list[str]:
 def tokenizer_argv(run: Run, steps: int | None = None, meta: Path | None = None) -> list[str]:
     steps = run.plan.tokenizer_steps if steps is None else steps
     meta_arg = f"--data.meta={meta or run.out / 'data' / 'meta_filtered.csv'}"
-    return [TOKENIZER_PRESET, meta_arg, *run_args(run, steps, run.out / TOKENIZER_DIR)]
+    disc = f"--disc.start={adversarial_start(steps)}"
+    return [TOKENIZER_PRESET, meta_arg, disc, *run_args(run, steps, run.out / TOKENIZER_DIR)]
 
 
 def stage_argv(run: Run, stage: str, steps: int | None = None) -> list[str]:

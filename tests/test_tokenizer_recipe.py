@@ -1,0 +1,122 @@
+"""The tokenizer recipe's parts that make a small run learn: random training windows and flips (`TrainCrops`), the
+squared-error term, and the zero-initialised residual branches of the Video DC-AE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cinedit.configs import ConfigError
+from cinedit.configs.tokenizer import TokenizerDataConfig, debug, f32t4c128
+from cinedit.data.dataset import VideoDataset
+from cinedit.data.meta import read_meta
+from cinedit.tokenizer.losses import ReconstructionLoss
+from cinedit.tokenizer.model import DCAEConfig, EfficientViTBlock, ResBlock, Residual, VideoDCAE
+from cinedit.tokenizer.model import debug as debug_model
+from cinedit.tokenizer.train import TrainCrops
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def clip_dataset(sample_data):
+    df = read_meta(sample_data[1])
+    videos = df[df["num_frames"] > 1].reset_index(drop=True).iloc[:1]
+    return VideoDataset(videos, TokenizerDataConfig(meta=str(sample_data[1])))
+
+
+def test_plain_read_is_unchanged_without_scale_or_flip(clip_dataset):
+    crops = TrainCrops(clip_dataset, 32, square=True)
+    got = crops[(0, 4, 64, 64, 7)]["video"]
+    assert torch.equal(got, clip_dataset[(0, 4, 64, 64, 7)]["video"])
+    # square: a 32x128 bucket reads as the 64x64 square of the same pixel count
+    assert crops[(0, 4, 32, 128, 7)]["video"].shape == (3, 4, 64, 64)
+
+
+def test_random_windows_are_seeded_distinct_and_of_the_bucket_size(clip_dataset):
+    crops = TrainCrops(clip_dataset, 32, square=True, crop_scale=2.0)
+    plain = clip_dataset[(0, 4, 64, 64, 7)]["video"]
+    reads = [crops[(0, 4, 64, 64, seed)] for seed in range(6)]
+    assert all(r["video"].shape == (3, 4, 64, 64) and (r["height"], r["width"]) == (64, 64) for r in reads)
+    assert torch.equal(crops[(0, 4, 64, 64, 3)]["video"], reads[3]["video"])  # same seed, same pixels
+    videos = [r["video"] for r in reads]
+    assert all(not torch.equal(a, b) for i, a in enumerate(videos) for b in videos[i + 1 :])
+    # a zoomed-in window is not the whole frame resized: it differs from the plain read for most seeds
+    assert sum(not torch.allclose(v, plain, atol=0.05) for v in videos) >= 4
+
+
+def test_flip_mirrors_about_half_of_the_samples(clip_dataset):
+    crops = TrainCrops(clip_dataset, 32, square=True, flip=True)
+    flipped = 0
+    for seed in range(16):
+        got, plain = crops[(0, 4, 64, 64, seed)]["video"], clip_dataset[(0, 4, 64, 64, seed)]["video"]
+        assert torch.equal(got, plain) or torch.equal(got, plain.flip(-1))
+        flipped += torch.equal(got, plain.flip(-1)) and not torch.equal(got, plain)
+    assert 3 <= flipped <= 13
+
+
+def test_crop_scale_is_validated_and_off_in_the_release_recipe():
+    with pytest.raises(ConfigError, match="crop_scale"):
+        TokenizerDataConfig(crop_scale=0.5).validate()
+    release, small = f32t4c128(), debug()
+    assert release.data.crop_scale == 1.0 and not release.data.flip and release.loss.mse_weight == 0.0
+    assert small.data.crop_scale > 1 and small.data.flip and small.loss.mse_weight > 0
+
+
+def test_squared_error_term_adds_to_l1():
+    x, rec = torch.rand(1, 3, 4, 8, 8) * 2 - 1, torch.rand(1, 3, 4, 8, 8) * 2 - 1
+    l1_only, _ = ReconstructionLoss(1.0)(x, rec)
+    both, parts = ReconstructionLoss(1.0, mse_weight=0.5)(x, rec)
+    assert parts["mse"].item() == pytest.approx((x - rec).square().mean().item(), rel=1e-6)
+    assert both.item() == pytest.approx(l1_only.item() + 0.5 * parts["mse"].item(), rel=1e-6)
+
+
+def test_untrained_blocks_are_the_identity():
+    """Every residual branch starts at zero: replacing each block by the identity leaves the untrained model's
+    output unchanged (the convolutions and the parameter-free shortcuts alone)."""
+    torch.manual_seed(0)
+    model = VideoDCAE(debug_model()).eval()
+    x = torch.rand(1, 3, 8, 64, 64) * 2 - 1
+    replaced = 0
+    with torch.no_grad():
+        want = model(x)
+        for side in (model.encoder, model.decoder):
+            for stage in side.stages:
+                ops = stage.op_list
+                for i, op in enumerate(ops):
+                    if isinstance(op, EfficientViTBlock) or (
+                        isinstance(op, Residual) and isinstance(op.main, ResBlock)
+                    ):
+                        ops[i], replaced = torch.nn.Identity(), replaced + 1
+        got = model(x)
+    assert replaced == 12 and torch.equal(got, want)
+    assert DCAEConfig().scaling_factor == 0.493  # the release architecture is untouched
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from cinedit.configs.tokenizer import TokenizerOptimConfig
+
+    flat = TokenizerOptimConfig(lr=1e-3)
+    assert [flat.lr_at(s, 100) for s in (1, 50, 100)] == [1e-3] * 3
+    cos = TokenizerOptimConfig(lr=1e-3, warmup_steps=10, decay="cosine", min_lr_ratio=0.1)
+    assert cos.lr_at(1, 100) == pytest.approx(1e-4) and cos.lr_at(10, 100) == pytest.approx(1e-3)
+    assert cos.lr_at(55, 100) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))
+    assert cos.lr_at(100, 100) == pytest.approx(1e-4)
+    lrs = [cos.lr_at(s, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    for bad in (dict(decay="linear"), dict(warmup_steps=-1), dict(min_lr_ratio=2.0)):
+        with pytest.raises(ConfigError):
+            TokenizerOptimConfig(**bad).validate()
+
+
+def test_trainer_logs_the_scheduled_lr(sample_data, tmp_path):
+    from cinedit.runtime.logs import read_metrics
+    from cinedit.tokenizer import train as train_mod
+
+    out = tmp_path / "run"
+    argv = ["debug", f"--data.meta={sample_data[1]}", f"--train.out_dir={out}", "--train.progress=false"]
+    argv += ["--train.steps=4", "--train.eval_every=0", "--train.sample_every=0", "--train.ckpt_every=0"]
+    argv += ["--optim.warmup_steps=2", "--optim.decay=cosine", "--optim.lr=1e-3", "--disc.start=-1"]
+    assert train_mod.main(argv) == 0
+    lrs = [r["lr"] for r in read_metrics(out) if "lr" in r]
+    assert lrs == pytest.approx([5e-4, 1e-3, 5e-4, 0.0], abs=1e-12)
