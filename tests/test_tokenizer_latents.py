@@ -40,10 +40,12 @@ def test_release_recipe_keeps_the_regulariser_off():
     assert debug().loss.latent_weight > 0
 
 
-# Measured (2 cores, loaded machine, one thread; 30 steps of the `debug` preset on the sample data, ~40 s): held-out
-# L1 0.434 -> 0.368, latent std video 1.53 -> 0.71, image 1.40 -> 1.36, ratio video / image 1.09 -> 0.52 (0.9-1.4
-# after 150 steps; without the regulariser 20.6, std 2685 after 150 steps: scripts/tokenizer_study.py). Bounds with
-# margin: std (so the scaling factor 1/std) in [0.2, 5]; the ratio, still noisy this early, within [1/3, 3].
+# Measured (2 cores, one thread; 30 steps of the `debug` preset on the sample data, ~40 s), with the study's recipe
+# (zero-initialised branches, random windows and flips, L1 + squared error, latent regulariser 1e-2): held-out L1
+# 0.420 -> 0.346, latent std video 0.038 -> 0.405, image 0.044 -> 0.197, ratio video / image 0.88 -> 2.06 (after 400
+# steps 0.48 / 0.26 / 1.82: scripts/tokenizer_study.py; without the regulariser the std runs into the thousands).
+# Bounds with margin: L1 down by 10%; video std (the generator's scaling factor is 1 / std) in [0.2, 5], image std,
+# still rising this early, in [0.1, 5]; the ratio within [1/3, 3].
 STEPS = 30
 
 
@@ -56,11 +58,11 @@ def test_debug_preset_learns_bounded_latents(sample_data, tmp_path):
     val = {r["step"]: r for r in rows if "val/l1" in r}
     before, after = val[0], val[STEPS]
     print(json.dumps({"before": before, "after": after}))
-    assert after["val/l1"] < 0.95 * before["val/l1"]
+    assert after["val/l1"] < 0.9 * before["val/l1"]
     for r in (before, after):
         assert {"latent/std_video", "latent/std_image", "latent/std_ratio", "latent/mean_video"} <= set(r)
-    for key in ("latent/std_video", "latent/std_image"):
-        assert 0.2 <= after[key] <= 5.0, (key, after[key])
+    assert 0.2 <= after["latent/std_video"] <= 5.0, after["latent/std_video"]
+    assert 0.1 <= after["latent/std_image"] <= 5.0, after["latent/std_image"]
     assert 1 / 3 <= after["latent/std_ratio"] <= 3.0
     steps = [r for r in rows if "loss/l1" in r]
     assert len(steps) == STEPS and all("latent/std" in r and "loss/latent" in r for r in steps)
