@@ -426,8 +426,8 @@ class VideoDCAE(nn.Module):
         Zero-gain branches make every block the identity at the start, so an untrained model is its convolutions
         plus the parameter-free averaging / duplicating shortcuts, and each block learns a residual on top (the
         usual zero-init of residual branches). The reference draws every gain from N(0, 0.02), which is close to
-        that for these norms; unit gains there made each random branch add unit-RMS noise to a signal ~0.1 in
-        size, and the `debug` tokenizer learned ~1 dB slower (scripts/tokenizer_study.py).
+        that for these norms. With unit gains each random branch adds unit-RMS noise to a signal ~0.1 in size: the
+        `debug` tokenizer preset scored 13.15 dB held-out after 150 steps with them, 13.98 dB with zero gains.
         """
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
