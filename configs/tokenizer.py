@@ -48,6 +48,8 @@ class TokenizerModelConfig:
     init_from: str = ""
     # Regional torch.compile (`VideoDCAE.compile_blocks`: each block on its own); on in the f32t4c128 preset.
     compile: bool = False
+    # From scratch (init_from ""): every residual branch starts as zero (`VideoDCAE.zero_residual_branches`).
+    zero_init: bool = True
 
     def validate(self) -> None:
         if self.preset not in DCAE_PRESETS:

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from cinedit.configs import ConfigError
-from cinedit.configs.tokenizer import TokenizerDataConfig, debug, f32t4c128
+from cinedit.configs.tokenizer import TokenizerDataConfig, TokenizerModelConfig, debug, f32t4c128
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta
 from cinedit.tokenizer.losses import ReconstructionLoss
 from cinedit.tokenizer.model import DCAEConfig, EfficientViTBlock, ResBlock, Residual, VideoDCAE
 from cinedit.tokenizer.model import debug as debug_model
-from cinedit.tokenizer.train import TrainCrops
+from cinedit.tokenizer.train import TrainCrops, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,10 +72,12 @@ def test_squared_error_term_adds_to_l1():
 
 
 def test_untrained_blocks_are_the_identity():
-    """Every residual branch starts at zero: replacing each block by the identity leaves the untrained model's
-    output unchanged (the convolutions and the parameter-free shortcuts alone)."""
+    """A model the trainer builds from scratch has every residual branch at zero: replacing each block by the
+    identity leaves its output unchanged (the convolutions and the parameter-free shortcuts alone)."""
     torch.manual_seed(0)
-    model = VideoDCAE(debug_model()).eval()
+    model = build_model(TokenizerModelConfig(preset="debug")).eval()
+    plain = VideoDCAE(debug_model())  # built directly: the seeded random codec, branches not zeroed
+    assert all(p.detach().any() for n, p in plain.named_parameters() if n.endswith("norm.weight"))
     x = torch.rand(1, 3, 8, 64, 64) * 2 - 1
     replaced = 0
     with torch.no_grad():

@@ -78,7 +78,10 @@ def build_model(cfg: TokenizerModelConfig) -> VideoDCAE:
     """A Video DC-AE from the preset, or initialised from `init_from` (see `TokenizerModelConfig`)."""
     cfg.validate()
     if not cfg.init_from:
-        return VideoDCAE(MODEL_PRESETS[cfg.preset]())
+        model = VideoDCAE(MODEL_PRESETS[cfg.preset]())
+        if cfg.zero_init:
+            model.zero_residual_branches()
+        return model
     path = Path(cfg.init_from)
     if path.is_dir() and (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file():
         return load_pretrained(path)
