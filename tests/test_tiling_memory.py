@@ -95,4 +95,7 @@ def test_tiled_working_set_does_not_grow_with_length_or_resolution(monkeypatch):
         )
     print("untiled working set MB (encode, decode):", untiled)
     grows = [untiled[big][i] - untiled[small][i] for i in (0, 1)]
-    assert min(grows) > GROWS_MB, (untiled, enc, dec)
+    # Untiled decode (the large output's activations) grows 320-400 MB in every run seen; untiled encode's 162 MB
+    # alone can hide in what the allocator kept from earlier tests of a full session (44 MB seen in one CI run), so
+    # it is only required to grow.
+    assert grows[1] > GROWS_MB and grows[0] > 0, (untiled, enc, dec)
