@@ -122,3 +122,49 @@ def test_trainer_logs_the_scheduled_lr(sample_data, tmp_path):
     assert train_mod.main(argv) == 0
     lrs = [r["lr"] for r in read_metrics(out) if "lr" in r]
     assert lrs == pytest.approx([5e-4, 1e-3, 5e-4, 0.0], abs=1e-12)
+
+
+def test_memory_format_auto_is_channels_last_on_cpu_only_and_refused_with_zero():
+    from cinedit.configs.presets import config_from_argv
+    from cinedit.tokenizer.train import channels_last
+
+    def cfg(*extra):
+        return config_from_argv("tokenizer", ["debug", *extra])[0]
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # devices as values: nothing runs on them
+    assert channels_last(cfg(), cpu) and not channels_last(cfg(), cuda)  # auto: cuda resolves to ZeRO
+    assert not channels_last(cfg("--model.memory_format=contiguous"), cpu)
+    assert channels_last(cfg("--model.memory_format=channels_last", "--parallel.plugin=ddp"), cuda)
+    with pytest.raises(ConfigError, match="view"):
+        channels_last(cfg("--model.memory_format=channels_last"), cuda)
+    with pytest.raises(ConfigError, match="memory_format"):
+        cfg("--model.memory_format=nhwc").validate()
+
+
+def test_cpu_trainer_holds_channels_last_weights_with_the_same_values(sample_data, tmp_path):
+    from cinedit.configs.presets import config_from_argv
+    from cinedit.runtime.dist import init_distributed
+    from cinedit.tokenizer import train as train_mod
+
+    info = init_distributed("cpu")
+    trainers = {}
+    for fmt in ("auto", "contiguous"):
+        argv = ["debug", f"--data.meta={sample_data[1]}", f"--train.out_dir={tmp_path / fmt}", "--disc.start=2"]
+        cfg = config_from_argv("tokenizer", [*argv, f"--model.memory_format={fmt}"])[0]
+        trainers[fmt] = train_mod.build_trainer(cfg, info)
+    nets = {
+        fmt: [tr.booster.unwrap(tr.model), tr.ema.module, tr.disc_booster.unwrap(tr.disc)]
+        for fmt, tr in trainers.items()
+    }
+    for last, plain in zip(nets["auto"], nets["contiguous"]):
+        # (1x1x1 kernels and depthwise weights are both layouts at once)
+        weights = {k: v for k, v in last.state_dict().items() if v.dim() == 5 and v.shape[1] > 1 and v.shape[-1] > 1}
+        assert weights and all(
+            v.is_contiguous(memory_format=torch.channels_last_3d) and not v.is_contiguous() for v in weights.values()
+        )
+        assert all(v.is_contiguous() for v in plain.state_dict().values())
+        assert all(torch.equal(v, plain.state_dict()[k]) for k, v in last.state_dict().items())
+    x = torch.rand(1, 3, 8, 64, 64) * 2 - 1
+    with torch.no_grad():
+        a, b = nets["auto"][0](x), nets["contiguous"][0](x)
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shlex
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,17 +24,24 @@ DEFAULT_SEED = 42
 DEVICES = ("auto", "cpu", "cuda")
 TRAINED = ("tokenizer", "stage1", "stage2", "stage3")
 # The share of the training steps' time (setup, evaluations, samples and checkpoints are budgeted apart) each run
-# gets. The tokenizer takes three quarters: its held-out PSNR is still rising after 800 steps
+# gets. The tokenizer takes four fifths: its held-out PSNR is still rising after 800 steps
 # (scripts/tokenizer_study.py), while the generator stages' debug models train in a fraction of a second a step.
-TIME_SHARES = {"tokenizer": 0.75, "stage1": 0.04, "stage2": 0.04, "stage3": 0.17}
+TIME_SHARES = {"tokenizer": 0.8, "stage1": 0.04, "stage2": 0.04, "stage3": 0.12}
 # Past this count a fast machine gives the tokenizer's time to the generator stages instead.
 MAX_TOKENIZER_STEPS = 1600
 # The tokenizer trains as the release does, reconstruction first: the adversarial phase (`--disc.start`) is the
-# last fifth of its steps, when the reconstruction has something to sharpen (and the earlier steps are cheaper).
-ADVERSARIAL_SHARE = 0.2
+# last tenth of its steps. An adversarial step costs about twice a plain one (discriminator forward / backward and
+# the adaptive weight's gradients); on the sample data its phase does not move the held-out PSNR (500 debug steps:
+# 16.06 dB with steps 400-500 adversarial, 16.06 dB without), so the demo runs a short one to show it working.
+ADVERSARIAL_SHARE = 0.1
+# The tokenizer's calibration run: steps, and its first adversarial step. Steps 2-4 time plain steps, 6-9
+# adversarial ones (step 1 warms up, step 5 builds the discriminator's kernels); `tokenizer_step_cost` mixes them.
+TOKENIZER_CALIBRATION_STEPS, TOKENIZER_CALIBRATION_DISC = 9, 5
 MIN_STEPS = {"tokenizer": 2, "stage1": 2, "stage2": 2, "stage3": 2, "sample": 2}
 SAMPLE_STEPS_AT_DEFAULT = 25  # sampling steps of the samples at --minutes 10 (scaled with --minutes, floor 2)
-MARGIN = 0.85  # plan for this share of --minutes: phases run slower than their few calibration steps foretell
+# Plan for this share of --minutes: phases run a little slower than their few calibration steps foretell (a quiet
+# 2-core run planned at 510 s took 529 s).
+MARGIN = 0.9
 PLAN_FORMAT = "cinedit-demo-plan/1"
 
 TOKENIZER_PRESET = "debug"
@@ -250,8 +258,21 @@ def derive_steps(costs: dict[str, dict[str, float]], seconds: float) -> dict[str
     return steps
 
 
+def tokenizer_step_cost(intervals: list[float], disc_start: int, share: float = ADVERSARIAL_SHARE) -> dict[str, float]:
+    """A demo tokenizer step's expected cost from a calibration run's step intervals (`intervals[i]`: the time of
+    step i + 2) whose adversarial phase began at `disc_start`: the median plain step and the median adversarial step
+    (the first one, with its one-off setup, left out) mixed by the share of adversarial steps a demo run has."""
+    plain = [t for i, t in enumerate(intervals) if i + 2 < disc_start]
+    adversarial = [t for i, t in enumerate(intervals) if i + 2 > disc_start]
+    if not plain or not adversarial:
+        raise ValueError(f"need plain and adversarial step intervals, got {intervals} with disc.start {disc_start}")
+    p, a = statistics.median(plain), statistics.median(adversarial)
+    return {"step_s": (1 - share) * p + share * a, "plain_step_s": p, "adversarial_step_s": a}
+
+
 def adversarial_start(steps: int) -> int:
-    """The first adversarial step of a `steps`-step tokenizer run: the last `ADVERSARIAL_SHARE` of its steps."""
+    """The first adversarial step of a `steps`-step tokenizer run: the last `ADVERSARIAL_SHARE` of its steps (none
+    when that is under one step)."""
     return max(1, steps - math.floor(ADVERSARIAL_SHARE * steps) + 1)
 
 

@@ -18,7 +18,7 @@ lists those command lines.
 The budget: after the data step and the untrained tokenizer's scores, a calibration (about a minute on 2 cores)
 times a few real training steps of every trained run, one checkpoint, evaluation and sample of each, the latent
 cache and one sample video; the step counts are then chosen so that the whole demo, calibration included, is
-estimated to take 85% of --minutes (each at least 2 steps, the tokenizer at most 1600). The chosen plan (step
+estimated to take 90% of --minutes (each at least 2 steps, the tokenizer at most 1600). The chosen plan (step
 counts, measured costs, the machine) goes to `<out>/plan.json` and into report.md. `--plan FILE` (a plan.json of
 an earlier run) skips the calibration and replays its step counts, seed and torch threads: the same plan gives the
 same results, whatever the clock says. Torch runs cores / (1 + data workers) threads (each data worker one).
@@ -83,6 +83,8 @@ from cinedit.demo.plan import (
     STATE_FILE,
     T2V_CLIP,
     TEXT_ENCODER,
+    TOKENIZER_CALIBRATION_DISC,
+    TOKENIZER_CALIBRATION_STEPS,
     TOKENIZER_DIR,
     TOKENIZER_PRESET,
     DemoError,
@@ -96,6 +98,7 @@ from cinedit.demo.plan import (
     run_seconds,
     sample_size,
     sample_steps,
+    tokenizer_step_cost,
     torch_threads,
 )
 from cinedit.eval.figures import save_png
@@ -509,7 +512,10 @@ def calibrate_plan(run: Run, spent_s: float, threads: int, load_before: float) -
     step counts that fit the budget; the calibration's own time counts against it."""
 
     minutes, budget = run.request["minutes"], run.request["minutes"] * 60
-    header(f"calibration: {CALIBRATION_STEPS} steps of each trained run, to fit the demo into {minutes:g} minutes")
+    header(
+        f"calibration: {TOKENIZER_CALIBRATION_STEPS} tokenizer steps and {CALIBRATION_STEPS} of each generator stage, "
+        f"to fit the demo into {minutes:g} minutes"
+    )
     t0 = time.time()
     meta = run.out / "data" / "meta_filtered.csv"
     n_samples = sample_steps(minutes)
@@ -518,11 +524,15 @@ def calibrate_plan(run: Run, spent_s: float, threads: int, load_before: float) -
         cal.out, cal.request, cal.plan = folder, run.request, None
         over = calibration_overrides()
         costs: dict[str, dict[str, float]] = {}
-        argv = [*tokenizer_argv(cal, CALIBRATION_STEPS, meta), "--disc.start=1", *over]  # time adversarial steps
+        n, start = TOKENIZER_CALIBRATION_STEPS, TOKENIZER_CALIBRATION_DISC
+        argv = [*tokenizer_argv(cal, n, meta), f"--disc.start={start}", *calibration_overrides(n)]
         cfg, name = resolve_config("tokenizer", argv)
-        costs["tokenizer"] = time_run(cfg, name, tokenizer_train.HOOKS)
+        tok_cost = time_run(cfg, name, tokenizer_train.HOOKS)
+        tok_cost |= {k: round(v, 4) for k, v in tokenizer_step_cost(tok_cost["step_intervals_s"], start).items()}
+        costs["tokenizer"] = tok_cost
         print(
-            f"tokenizer: {costs['tokenizer']['step_s']:.3f} s a step {costs['tokenizer']['step_intervals_s']}",
+            f"tokenizer: {tok_cost['step_s']:.3f} s a step (plain {tok_cost['plain_step_s']:.3f}, adversarial "
+            f"{tok_cost['adversarial_step_s']:.3f}) {tok_cost['step_intervals_s']}",
             flush=True,
         )
         tok = str(folder / TOKENIZER_DIR / "model")
@@ -589,6 +599,7 @@ def calibrate_plan(run: Run, spent_s: float, threads: int, load_before: float) -
         "machine": machine(threads, load_before),
         "calibration": {
             "steps": CALIBRATION_STEPS,
+            "tokenizer_steps": TOKENIZER_CALIBRATION_STEPS,
             "runs": costs,
             "cache_s": caches,
             "sample_s": round(sample_s, 2),
@@ -753,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help=f"the wall-time budget (default {DEFAULT_MINUTES:g}): a short calibration times every stage on this "
-        "machine and picks step counts estimated to take 85%% of it (at least 2 steps each, so a tiny budget can be "
+        "machine and picks step counts estimated to take 90%% of it (at least 2 steps each, so a tiny budget can be "
         "overrun); the plan is written to <out>/plan.json",
     )
     p.add_argument(
