@@ -30,9 +30,10 @@ TIME_SHARES = {"tokenizer": 0.8, "stage1": 0.04, "stage2": 0.04, "stage3": 0.12}
 # Past this count a fast machine gives the tokenizer's time to the generator stages instead.
 MAX_TOKENIZER_STEPS = 1600
 # The tokenizer trains as the release does, reconstruction first: the adversarial phase (`--disc.start`) is the
-# last tenth of its steps. An adversarial step costs about twice a plain one (discriminator forward / backward and
-# the adaptive weight's gradients); on the sample data its phase does not move the held-out PSNR (500 debug steps:
-# 16.06 dB with steps 400-500 adversarial, 16.06 dB without), so the demo runs a short one to show it working.
+# last tenth of its steps. An adversarial step costs more than a plain one (discriminator forward / backward and
+# the adaptive weight's gradients: 0.70 against 0.59 s in a 2-thread demo calibration, twice as much on one thread);
+# on the sample data its phase does not move the held-out PSNR (500 debug steps: 16.06 dB with steps 400-500
+# adversarial, 16.06 dB without), so the demo runs a short one to show it working.
 ADVERSARIAL_SHARE = 0.1
 # The tokenizer's calibration run: steps, and its first adversarial step. Steps 2-4 time plain steps, 6-9
 # adversarial ones (step 1 warms up, step 5 builds the discriminator's kernels); `tokenizer_step_cost` mixes them.
