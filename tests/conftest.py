@@ -28,6 +28,24 @@ def missing_fixtures(*names: str) -> list[str]:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "parity_fixtures(*names): reads these files of ../shared/fixtures")
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        # An xdist worker (`-n N` in pyproject's addopts) shares the cores with the others: more torch threads than
+        # free cores make every parallel region wait for a descheduled thread (2x slower conv3d steps on 2 cores).
+        # The processes a test starts (torchrun, the CLI) inherit the share through OMP_NUM_THREADS.
+        share = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(share)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+
+
+# Modules whose tests take minutes in all (multi-process training, the demo): run first, so that with `-n N` the
+# other workers fill the time around them instead of waiting for one of them at the end.
+FIRST = ("test_scaleout.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))
 
 
 def pytest_runtest_setup(item):
