@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,15 +228,24 @@ def build_dataset(cfg: GeneratorTrainConfig, info: DistInfo, tokenizer: Any) -> 
     return VideoDataset(read_meta(source) if not controls else source, dcfg, replace_bad=True, controls=controls)
 
 
-def sample_tokens(tokenizer: Any, patch_size: int, text_tokens: int, t: int, h: int, w: int) -> int:
-    """Tokens of one sample loaded at bucket shape (t, h, w) (what a pack's budget counts): its latent's image tokens
-    and its text tokens."""
-    _, lt, lh, lw = tokenizer.latent_shape(t, h, w)
-    return lt * token_count(lh, lw, patch_size) + text_tokens
+def sample_tokens(tokenizer: Any, patch_size: int, text_tokens: int) -> Callable[[int, int, int], int]:
+    """What a pack's budget counts for a sample loaded at bucket shape (t, h, w): its latent's image tokens and its
+    text tokens."""
+
+    def tokens(t: int, h: int, w: int) -> int:
+        _, lt, lh, lw = tokenizer.latent_shape(t, h, w)
+        return lt * token_count(lh, lw, patch_size) + text_tokens
+
+    return tokens
 
 
 def build_loader(
-    ds: Dataset, cfg: GeneratorTrainConfig, rank: int, size: int, seed: int, tokens: Any = None
+    ds: Dataset,
+    cfg: GeneratorTrainConfig,
+    rank: int,
+    size: int,
+    seed: int,
+    tokens: Callable[[int, int, int], int] | None = None,
 ) -> BucketLoader:
     """Bucketed batches, or with `data.packing` packs (lists of samples) of `tokens(t, h, w)` tokens each."""
     dcfg = dataclasses.replace(cfg.data, seed=seed)
@@ -251,7 +260,14 @@ def build_loader(
     dcfg.validate()
     try:
         sampler = PackingSampler(
-            ds, dcfg.buckets, dcfg.tokens_per_batch, tokens, rank, size, dcfg.seed, dcfg.frame_stride
+            ds,
+            dcfg.buckets,
+            tokens_per_batch=dcfg.tokens_per_batch,
+            tokens=tokens,
+            dp_rank=rank,
+            dp_size=size,
+            seed=dcfg.seed,
+            frame_stride=dcfg.frame_stride,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -295,10 +311,6 @@ class Trainer:
     @property
     def patch_size(self) -> int:
         return self.module.config.patch_size
-
-    def sample_tokens(self) -> functools.partial:
-        """`sample_tokens` of this tokenizer, patch size and text length, for the packing sampler."""
-        return functools.partial(sample_tokens, self.tokenizer, self.patch_size, self.null_txt.shape[1])
 
 
 def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
@@ -369,8 +381,8 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         ulysses = pc.ulysses_size() if pc.cp_mode == "hybrid" else None
         cp = ContextParallel(layout.cp_group, pc.cp_mode, ulysses)
     # Context-parallel group members read the same samples.
-    tokens = functools.partial(sample_tokens, tokenizer, mcfg.patch_size, null_txt.shape[1])
-    loader = build_loader(ds, cfg, layout.dp_rank, layout.dp_size, cfg.data.seed, tokens)
+    tokens = sample_tokens(tokenizer, mcfg.patch_size, null_txt.shape[1])
+    loader = build_loader(ds, cfg, layout.dp_rank, layout.dp_size, cfg.data.seed, tokens=tokens)
     return Trainer(
         cfg=cfg,
         info=info,
@@ -586,7 +598,8 @@ def build_eval_data(tr: Trainer) -> None:
             ds = VideoDataset(cc.eval_meta, tr.cfg.data, replace_bad=True, controls=cc.columns())
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"control.eval_meta: {e}") from None
-    loader = build_loader(ds, tr.cfg, dp_rank, dp_size, mix_seed(tr.cfg.data.seed, 0xE7A1), tr.sample_tokens())
+    tokens = sample_tokens(tr.tokenizer, tr.patch_size, tr.null_txt.shape[1])
+    loader = build_loader(ds, tr.cfg, dp_rank, dp_size, mix_seed(tr.cfg.data.seed, 0xE7A1), tokens=tokens)
     tr.eval_data, tr.eval_control = [], []
     for n, batch in enumerate(loader, 1):
         # A pack's samples have different shapes: each is a batch of its own (so every sample weighs the same).
