@@ -172,9 +172,26 @@ class GeneratorDataConfig(DataConfig):
     mock_samples: int = 64  # samples per bucket shape
     # (txt, vec) widths of the mock text states; 0 takes the text kind's: t5_clip 4096 / 768, minilm 384 / 384.
     mock_text_dims: tuple[int, int] = (0, 0)
+    # Sequence packing (`cinedit.generator.packing`): each step trains one pack of samples of any buckets (images,
+    # short and long clips, resolutions), filled up to `tokens_per_batch` tokens (latent + text tokens of each
+    # sample), in one forward with block-diagonal attention; the buckets' batch sizes are then not used.
+    packing: bool = False
+    tokens_per_batch: int = 0  # per rank and step; needed with packing
 
     def validate(self) -> None:
         super().validate()
+        if not isinstance(self.packing, bool):
+            raise ConfigError(f"data.packing must be true or false, got {self.packing!r}")
+        if self.packing and self.tokens_per_batch < 1:
+            raise ConfigError(
+                f"data.packing=true needs data.tokens_per_batch > 0 (the tokens of one pack), got "
+                f"{self.tokens_per_batch}: pass e.g. --data.tokens_per_batch=4096"
+            )
+        if not self.packing and self.tokens_per_batch:
+            raise ConfigError(
+                f"data.tokens_per_batch={self.tokens_per_batch} is only read with data.packing=true: pass "
+                f"--data.packing=true, or leave tokens_per_batch at 0 for bucketed batches"
+            )
         if self.use_cache and not self.cache_dir:
             raise ConfigError("data.use_cache=true needs data.cache_dir (a folder written by `cinedit data cache`)")
         if self.mock and self.use_cache:
@@ -417,6 +434,22 @@ class GeneratorTrainConfig:
                 )
             if self.parallel.cp_size > 1:
                 raise ConfigError("control.enabled=true does not shard the control tokens: pass --parallel.cp_size=1")
+        if self.data.packing:
+            if self.parallel.cp_size > 1:
+                raise ConfigError(
+                    f"data.packing=true with parallel.cp_size={self.parallel.cp_size}: context parallelism does not "
+                    f"shard a pack's block-diagonal attention; pass --parallel.cp_size=1, or --data.packing=false"
+                )
+            if self.control.enabled:
+                raise ConfigError(
+                    "data.packing=true with control.enabled=true: the control adapter's hooks take one batch of one "
+                    "shape, not a pack; pass --data.packing=false"
+                )
+            if self.model.compile:
+                raise ConfigError(
+                    "data.packing=true with model.compile=true: every pack's mix of shapes would compile the blocks "
+                    "again; pass --model.compile=false"
+                )
 
 
 # ----------------------------------------------------------------------------------------------------------------------

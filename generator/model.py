@@ -4,13 +4,16 @@ State-dict keys are the Open-Sora 2.0 release's (unfused q/k/v), so its checkpoi
 q/k/v checkpoints are split on loading (`loading.split_qkv_state_dict`). With `guidance_embed` it is also the
 guidance-distilled Flux.1-dev text-to-image model.
 Patchify is outside the model: it sees packed tokens `img` (b, l, in_channels) (see `math.pack`).
+With `packed=` (a `cinedit.generator.packing.PackedBatch`) one forward runs several samples of different shapes as
+one batch-1 sequence: the same blocks, with per-sample modulation spread over each sample's tokens and
+block-diagonal attention.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,9 @@ from torch import Tensor, nn
 
 from cinedit.generator import math as gmath  # called as gmath.attention so parallel code can swap it
 from cinedit.generator.math import ROPE_LAYOUTS, apply_rope, rms_norm, rope, timestep_embedding
+
+if TYPE_CHECKING:  # a pack is only read (its layout) and called (`attend`): no import when the module runs
+    from cinedit.generator.packing import PackedBatch
 
 TIME_DIM = 256
 
@@ -200,6 +206,12 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return (1 + scale) * F.layer_norm(x, x.shape[-1:], eps=1e-6) + shift
 
 
+def spread(chunks: list[Tensor], seg: Tensor | None) -> list[Tensor]:
+    """Modulation chunks (n, 1, D), one per packed sample, -> (1, l, D) per token of a stream whose tokens belong to
+    samples seg (l,); seg None (unpacked): the chunks as they are, broadcast over each sample's tokens."""
+    return chunks if seg is None else [c[:, 0][seg][None] for c in chunks]
+
+
 class MLPEmbedder(nn.Module):
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
@@ -280,14 +292,23 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn = SelfAttention(dim, cfg.num_heads, cfg.qkv_bias)
         self.txt_mlp = mlp(dim, cfg.mlp_hidden)
 
-    def forward(self, img: Tensor, txt: Tensor, mod: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = self.img_mod(mod)
-        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = self.txt_mod(mod)
+    def forward(
+        self, img: Tensor, txt: Tensor, mod: Tensor, pe: Tensor, packed: PackedBatch | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """packed: the streams hold every sample's tokens in sample order; pe is in packed order."""
+        img_seg, txt_seg = (None, None) if packed is None else (packed.img_seg, packed.txt_seg)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = spread(self.img_mod(mod), img_seg)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = spread(self.txt_mod(mod), txt_seg)
         img_q, img_k, img_v = self.img_attn.qkv(modulate(img, i_shift1, i_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.qkv(modulate(txt, t_shift1, t_scale1))
         q, k, v = (torch.cat(pair, dim=2) for pair in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
+        if packed is not None:  # [txt_0; img_0; txt_1; img_1; ...], each sample's joint order
+            q, k, v = (x[:, :, packed.order] for x in (q, k, v))
         q, k = apply_rope(q, pe, self.rope_layout), apply_rope(k, pe, self.rope_layout)
-        attn = gmath.attention(q, k, v)  # (b, l_txt + l_img, hidden)
+        if packed is None:
+            attn = gmath.attention(q, k, v)  # (b, l_txt + l_img, hidden)
+        else:
+            attn = packed.attend(q, k, v)[:, packed.inverse]  # back to [txt_0; txt_1; ...; img_0; img_1; ...]
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
         img = img + i_gate1 * self.img_attn.proj(img_attn)
         img = img + i_gate2 * self.img_mlp(modulate(img, i_shift2, i_scale2))
@@ -311,8 +332,9 @@ class SingleStreamBlock(nn.Module):
         self.norm = QKNorm(cfg.head_dim)
         self.modulation = Modulation(dim, 1)
 
-    def forward(self, x: Tensor, mod: Tensor, pe: Tensor) -> Tensor:
-        shift, scale, gate = self.modulation(mod)
+    def forward(self, x: Tensor, mod: Tensor, pe: Tensor, packed: PackedBatch | None = None) -> Tensor:
+        """packed: x is the packed sequence, in packed order."""
+        shift, scale, gate = spread(self.modulation(mod), None if packed is None else packed.seg)
         x_mod = modulate(x, shift, scale)
         v, h = self.v_mlp(x_mod).split(self.split, dim=-1)
         q, k, v = (
@@ -320,7 +342,7 @@ class SingleStreamBlock(nn.Module):
         )
         q, k = self.norm(q, k)
         q, k = apply_rope(q.to(v), pe, self.rope_layout), apply_rope(k.to(v), pe, self.rope_layout)
-        attn = gmath.attention(q, k, v)
+        attn = gmath.attention(q, k, v) if packed is None else packed.attend(q, k, v)
         return x + gate * self.linear2(torch.cat([attn, F.gelu(h, approximate="tanh")], dim=-1))
 
 
@@ -330,8 +352,9 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, out_channels)
 
-    def forward(self, x: Tensor, mod: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(mod)[:, None].chunk(2, dim=-1)
+    def forward(self, x: Tensor, mod: Tensor, packed: PackedBatch | None = None) -> Tensor:
+        chunks = self.adaLN_modulation(mod)[:, None].chunk(2, dim=-1)
+        shift, scale = spread(chunks, None if packed is None else packed.img_seg)
         return self.linear(modulate(x, shift, scale))
 
 
@@ -389,6 +412,7 @@ class MMDiT(nn.Module):
         vec: Tensor,
         cond: Tensor | None = None,
         guidance: Tensor | None = None,
+        packed: PackedBatch | None = None,
     ) -> Tensor:
         """Velocity (b, l_img, in_channels) for packed tokens img at flow time timesteps (b,) in [0, 1].
 
@@ -400,6 +424,10 @@ class MMDiT(nn.Module):
                 condition, the same as an all-zero one (cond_in then adds only its bias).
             guidance: (b,) distilled guidance strength (Flux.1-dev: e.g. 4.0), required by and only accepted by
                 a `guidance_embed` model; embedded like the time, with the same 1000x factor.
+            packed: n samples of different shapes in one sequence (`PackedBatch.inputs()` gives every argument):
+                img, img_ids, cond (1, Li, .) and txt, txt_ids (1, Lt, .) all samples' tokens in sample order,
+                timesteps, vec, guidance one per sample (n, ...); returns (1, Li, in_channels)
+                (`PackedBatch.unpack_img` splits it by sample).
         """
         cfg = self.config
         if img.shape[-1] != cfg.in_channels or txt.shape[-1] != cfg.context_in_dim:
@@ -423,13 +451,18 @@ class MMDiT(nn.Module):
             raise ValueError("guidance was given but this model has no guidance_in (guidance_embed=False)")
         mod = mod + self.vector_in(vec)
         txt = self.txt_in(txt)
-        pe = self.pe_embedder(torch.cat([txt_ids, img_ids], dim=1))
+        ids = torch.cat([txt_ids, img_ids], dim=1)
+        pe = self.pe_embedder(ids if packed is None else ids[:, packed.order])
         for block in self.double_blocks:
-            img, txt = block(img, txt, mod, pe)
+            img, txt = block(img, txt, mod, pe, packed)
         x = torch.cat([txt, img], dim=1)
+        if packed is not None:
+            x = x[:, packed.order]
         for block in self.single_blocks:
-            x = block(x, mod, pe)
-        return self.final_layer(x[:, txt.shape[1] :], mod)
+            x = block(x, mod, pe, packed)
+        if packed is not None:
+            x = x[:, packed.inverse]
+        return self.final_layer(x[:, txt.shape[1] :], mod, packed)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

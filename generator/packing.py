@@ -4,9 +4,10 @@ NeMo/DFM's answer to padding waste. Images, short and long clips and different r
 sequence; every sample contributes its text tokens followed by its image tokens (the MMDiT's own joint order),
 attention stays within each sample (a block-diagonal mask, or varlen kernels over `cu_seqlens`), RoPE positions
 are each sample's own ids, and the AdaLN modulation (from each sample's timestep and pooled vector) is gathered per
-token by segment id. `packed_forward` reuses the model's submodules and weights and mirrors the blocks' maths
-(`DoubleStreamBlock.forward`, `SingleStreamBlock.forward`, `LastLayer.forward` in model.py) step for step, so the
-packed outputs equal the per-sample `model(...)` outputs up to float noise (tests/test_packing.py).
+token by segment id. The MMDiT's own forward runs a pack (`model(**packed.inputs())`, its `packed=` argument: the
+same blocks, which read the pack's layout and call its `attend`), so the packed outputs equal the per-sample
+`model(...)` outputs up to float noise (tests/test_packing.py), and a wrapped model (DDP, a booster's) runs packs
+through its own `__call__`.
 
 The streams are kept apart as in the model: all samples' text tokens concatenated (`txt_cat`, sample order) and
 all image tokens (`img_cat`); `PackedBatch.order` maps a packed position to its row of `[txt_cat; img_cat]`, so
@@ -15,6 +16,7 @@ the joint attention (and the single blocks, which run on the packed sequence) se
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from collections.abc import Sequence
@@ -23,11 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 from cinedit.generator.flow import flow_loss, interpolate, velocity_target
-from cinedit.generator.math import apply_rope, make_ids, make_txt_ids, pack, timestep_embedding
-from cinedit.generator.model import TIME_DIM, MMDiT, modulate
+from cinedit.generator.math import make_ids, make_txt_ids, pack
 
 ATTENTION_MODES = ("auto", "mask", "split", "varlen")
 
@@ -46,6 +47,23 @@ class Sample:
     cond: Tensor | None = None
     guidance: Tensor | None = None
 
+    @classmethod
+    def from_inputs(cls, inputs: dict[str, Tensor | None]) -> Sample:
+        """The one sample of a batch-1 `MMDiT.forward` keyword dict (img, img_ids, txt, txt_ids, timesteps, vec and
+        optional cond, guidance)."""
+        if inputs["img"].shape[0] != 1:
+            raise ValueError(f"a sample comes from a batch of one, got a batch of {inputs['img'].shape[0]}")
+        first = {name: None if inputs.get(name) is None else inputs[name][0] for name in ("cond", "guidance")}
+        return cls(
+            img=inputs["img"][0],
+            img_ids=inputs["img_ids"][0],
+            txt=inputs["txt"][0],
+            txt_ids=inputs["txt_ids"][0],
+            timestep=inputs["timesteps"][0],
+            vec=inputs["vec"][0],
+            **first,
+        )
+
 
 @dataclass
 class PackedBatch:
@@ -57,6 +75,7 @@ class PackedBatch:
         img_seg, txt_seg: (Li,), (Lt,) sample index of each stream token; seg: (L,) of each packed token;
         order: (L,) row of [txt_cat; img_cat] at each packed position, inverse: its inverse permutation;
         cu_seqlens: (n + 1,) int32 offsets of the samples in the packed sequence (varlen kernels).
+    attention_mode: how `attend` runs (a `packed_attention` mode).
     """
 
     img: Tensor
@@ -74,9 +93,10 @@ class PackedBatch:
     cu_seqlens: Tensor
     img_lens: list[int]
     txt_lens: list[int]
+    attention_mode: str = "auto"
 
     @classmethod
-    def from_samples(cls, samples: Sequence[Sample]) -> PackedBatch:
+    def from_samples(cls, samples: Sequence[Sample], attention: str = "auto") -> PackedBatch:
         if not samples:
             raise ValueError("need at least one sample to pack")
         with_cond = [s.cond is not None for s in samples]
@@ -123,6 +143,7 @@ class PackedBatch:
             cu_seqlens=F.pad(seq_lens.cumsum(0), (1, 0)).to(dev, torch.int32),
             img_lens=img_lens,
             txt_lens=txt_lens,
+            attention_mode=attention,
         )
 
     @property
@@ -140,6 +161,27 @@ class PackedBatch:
     def attention_mask(self) -> Tensor:
         """(1, 1, L, L) bool, True where query and key belong to the same sample (SDPA's convention)."""
         return (self.seg[:, None] == self.seg[None, :])[None, None]
+
+    def inputs(self) -> dict[str, Tensor | PackedBatch | None]:
+        """`MMDiT.forward`'s keyword arguments for this pack. The tensors go as the plain arguments, so a wrapper
+        (DDP, ZeRO's bf16 cast) treats them as it treats an unpacked batch's; `packed` adds the layout."""
+        ids = self.ids[:, self.inverse]  # [txt_cat; img_cat]
+        n_txt = self.txt.shape[1]
+        return {
+            "img": self.img,
+            "img_ids": ids[:, n_txt:],
+            "txt": self.txt,
+            "txt_ids": ids[:, :n_txt],
+            "timesteps": self.timesteps,
+            "vec": self.vec,
+            "cond": self.cond,
+            "guidance": self.guidance,
+            "packed": self,
+        }
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """`packed_attention` in this pack's `attention_mode`: what the model's blocks call for a pack."""
+        return packed_attention(q, k, v, self, self.attention_mode)
 
     def unpack_img(self, x: Tensor) -> list[Tensor]:
         """(1, Li, c) image-stream tokens -> per-sample (1, l_i, c)."""
@@ -161,11 +203,13 @@ def _varlen_function():
 
 
 def resolve_mode(mode: str, q: Tensor) -> str:
+    """Mode "auto": varlen on CUDA in bf16/fp16 when FlashAttention is installed, else split (the dense mask computes
+    the scores across samples too: 179 against 290 tokens/s on a 2-thread CPU, README "Speed")."""
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode must be one of {ATTENTION_MODES}, got {mode!r}")
     if mode == "auto":
         half = q.dtype in (torch.float16, torch.bfloat16)
-        return "varlen" if q.is_cuda and half and _varlen_function() is not None else "mask"
+        return "varlen" if q.is_cuda and half and _varlen_function() is not None else "split"
     if mode == "varlen" and _varlen_function() is None:
         raise ValueError("attention mode 'varlen' needs flash_attn or flash_attn_interface installed")
     return mode
@@ -202,87 +246,15 @@ def packed_attention(q: Tensor, k: Tensor, v: Tensor, packed: PackedBatch, mode:
 # ---------------------------------------------------------------------------------------------------- forward
 
 
-def _per_token(chunks: Sequence[Tensor], seg: Tensor) -> list[Tensor]:
-    """Modulation chunks (n, 1, D) per sample -> (1, l, D) per token of a stream with segment ids seg."""
-    return [c[:, 0][seg][None] for c in chunks]
+def packed_forward(model: nn.Module, packed: PackedBatch, attention: str | None = None) -> list[Tensor]:
+    """Velocities of every packed sample, each (1, l_i, in_channels): one `model(**packed.inputs())` call.
 
-
-def _joint(txt: Tensor, img: Tensor, packed: PackedBatch) -> Tensor:
-    """Stream tensors (1, h, Lt, d) and (1, h, Li, d) -> packed order (1, h, L, d)."""
-    return torch.cat([txt, img], dim=2)[:, :, packed.order]
-
-
-def _double_block(block, img: Tensor, txt: Tensor, mod: Tensor, pe: Tensor, packed: PackedBatch, mode: str):
-    """`DoubleStreamBlock.forward` on the two packed streams; pe is in packed order."""
-    i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = _per_token(block.img_mod(mod), packed.img_seg)
-    t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = _per_token(block.txt_mod(mod), packed.txt_seg)
-    img_q, img_k, img_v = block.img_attn.qkv(modulate(img, i_shift1, i_scale1))
-    txt_q, txt_k, txt_v = block.txt_attn.qkv(modulate(txt, t_shift1, t_scale1))
-    q, k, v = (_joint(t, i, packed) for t, i in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v)))
-    q, k = apply_rope(q, pe, block.rope_layout), apply_rope(k, pe, block.rope_layout)
-    attn = packed_attention(q, k, v, packed, mode)[:, packed.inverse]  # back to [txt_cat; img_cat]
-    n_txt = txt.shape[1]
-    txt_attn, img_attn = attn[:, :n_txt], attn[:, n_txt:]
-    img = img + i_gate1 * block.img_attn.proj(img_attn)
-    img = img + i_gate2 * block.img_mlp(modulate(img, i_shift2, i_scale2))
-    txt = txt + t_gate1 * block.txt_attn.proj(txt_attn)
-    txt = txt + t_gate2 * block.txt_mlp(modulate(txt, t_shift2, t_scale2))
-    return img, txt
-
-
-def _single_block(block, x: Tensor, mod: Tensor, pe: Tensor, packed: PackedBatch, mode: str) -> Tensor:
-    """`SingleStreamBlock.forward` on the packed sequence."""
-    shift, scale, gate = _per_token(block.modulation(mod), packed.seg)
-    x_mod = modulate(x, shift, scale)
-    v, h = block.v_mlp(x_mod).split(block.split, dim=-1)
-    q, k, v = (
-        rearrange(t, "b l (n d) -> b n l d", n=block.num_heads) for t in (block.q_proj(x_mod), block.k_proj(x_mod), v)
-    )
-    q, k = block.norm(q, k)
-    q, k = apply_rope(q.to(v), pe, block.rope_layout), apply_rope(k.to(v), pe, block.rope_layout)
-    attn = packed_attention(q, k, v, packed, mode)
-    return x + gate * block.linear2(torch.cat([attn, F.gelu(h, approximate="tanh")], dim=-1))
-
-
-def packed_forward(model: MMDiT, packed: PackedBatch, attention: str = "auto") -> list[Tensor]:
-    """Velocities of every packed sample, each (1, l_i, in_channels): `MMDiT.forward` on the packed sequence.
-
-    attention: a `packed_attention` mode, or "auto" (varlen on CUDA in bf16/fp16 when FlashAttention is installed,
-    else the boolean mask). Mirrors `MMDiT.forward` (embedders, double blocks, single blocks, final layer); the
-    blocks' own forwards are not called (they broadcast one modulation per batch item), their weights are.
+    attention: a `packed_attention` mode for this call (None: the pack's `attention_mode`). `model` is an MMDiT or
+    a wrapper around one (DDP, a booster's), whose `__call__` then synchronises gradients as for any batch.
     """
-    cfg = model.config
-    img, txt = packed.img, packed.txt
-    if img.shape[-1] != cfg.in_channels or txt.shape[-1] != cfg.context_in_dim:
-        raise ValueError(
-            f"img/txt widths {img.shape[-1]}/{txt.shape[-1]} do not match the config's "
-            f"in_channels={cfg.in_channels}/context_in_dim={cfg.context_in_dim}"
-        )
-    img = model.img_in(img)
-    if model.cond_in is not None:
-        img = img + (model.cond_in.bias if packed.cond is None else model.cond_in(packed.cond))
-    elif packed.cond is not None:
-        raise ValueError("a condition was given but this model has no cond_in (cond_embed=False)")
-    mod = model.time_in(timestep_embedding(packed.timesteps, TIME_DIM).to(img.dtype))  # (n, D), one per sample
-    if model.guidance_in is not None:
-        if packed.guidance is None:
-            raise ValueError("this model is guidance-distilled (guidance_embed=True): pass guidance, e.g. 4.0")
-        mod = mod + model.guidance_in(timestep_embedding(packed.guidance, TIME_DIM).to(img.dtype))
-    elif packed.guidance is not None:
-        raise ValueError("guidance was given but this model has no guidance_in (guidance_embed=False)")
-    mod = mod + model.vector_in(packed.vec)
-    txt = model.txt_in(txt)
-    pe = model.pe_embedder(packed.ids)  # each sample's own positions, in packed order
-    for block in model.double_blocks:
-        img, txt = _double_block(block, img, txt, mod, pe, packed, attention)
-    n_txt = txt.shape[1]
-    x = torch.cat([txt, img], dim=1)[:, packed.order]
-    for block in model.single_blocks:
-        x = _single_block(block, x, mod, pe, packed, attention)
-    img = x[:, packed.inverse][:, n_txt:]
-    final = model.final_layer
-    shift, scale = _per_token(final.adaLN_modulation(mod)[:, None].chunk(2, dim=-1), packed.img_seg)
-    return packed.unpack_img(final.linear(modulate(img, shift, scale)))
+    if attention is not None:
+        packed = dataclasses.replace(packed, attention_mode=attention)
+    return packed.unpack_img(model(**packed.inputs()))
 
 
 # ---------------------------------------------------------------------------------------------------- flow loss

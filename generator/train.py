@@ -1,13 +1,14 @@
 """Train the MMDiT generator: `cinedit generator train STAGE_OR_RUN_DIR --section.field=value ...`.
 
 Also `python -m cinedit.generator.train ...`, under torchrun or `colossalai run` (`scripts/stage*.sh`). Each step
-takes one bucketed batch of clips or images, encodes it with the frozen tokenizer (or reads cached latents,
-`--data.use_cache=true`), embeds the captions with the frozen text encoder (or reads them from the cache), drops
-captions to the empty prompt, draws a visual condition per sample (t2v / i2v / inpainting) and regresses the
-rectified-flow velocity (`cinedit.generator.flow`). The run directory holds `config.json`, `metrics.jsonl`,
-TensorBoard logs in `tb/`, checkpoints in `ckpt/step-NNNNNN/` (with a `latest` pointer), validation samples in
-`samples/step_NNNNNNN/` (every `train.sample_every` steps) and, at the end, the generation pipeline in `model/`
-(`cinedit generator sample --ckpt <out_dir>/model`, or `load_pipeline`).
+takes one bucketed batch of clips or images (or, with `--data.packing=true`, one pack of samples of mixed shapes
+filled up to `data.tokens_per_batch` tokens, trained in one packed forward), encodes it with the frozen tokenizer
+(or reads cached latents, `--data.use_cache=true`), embeds the captions with the frozen text encoder (or reads them
+from the cache), drops captions to the empty prompt, draws a visual condition per sample (t2v / i2v / inpainting)
+and regresses the rectified-flow velocity (`cinedit.generator.flow`). The run directory holds `config.json`,
+`metrics.jsonl`, TensorBoard logs in `tb/`, checkpoints in `ckpt/step-NNNNNN/` (with a `latest` pointer), validation
+samples in `samples/step_NNNNNNN/` (every `train.sample_every` steps) and, at the end, the generation pipeline in
+`model/` (`cinedit generator sample --ckpt <out_dir>/model`, or `load_pipeline`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +37,11 @@ from cinedit.configs.generator import (
 )
 from cinedit.data.buckets import aspect_sizes, mix_seed, resolution_side
 from cinedit.data.cache import read_empty_text
-from cinedit.data.dataset import CachedLatentDataset, MockLatentDataset, VideoDataset
+from cinedit.data.dataset import CachedLatentDataset, MockLatentDataset, VideoDataset, collate
 from cinedit.data.meta import read_meta
 from cinedit.data.sample import CLIPS, run_meta
-from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler
-from cinedit.generator.conditions import ConditionMix
+from cinedit.data.sampler import BucketLoader, PackingSampler, build_dataloader, build_sampler
+from cinedit.generator.conditions import Condition, ConditionMix
 from cinedit.generator.control import (
     ControlAdapter,
     ControlAdapterConfig,
@@ -63,6 +65,7 @@ from cinedit.generator.lora import LORA_FILE, apply_lora, save_lora
 from cinedit.generator.math import make_ids, make_txt_ids, pack
 from cinedit.generator.model import PRESETS as MODEL_PRESETS
 from cinedit.generator.model import MMDiT, MMDiTConfig
+from cinedit.generator.packing import PackedBatch, Sample, packed_flow_losses
 from cinedit.generator.parallel import ContextParallel, apply_activation_checkpointing
 from cinedit.generator.pipeline import Pipeline, save_pipeline
 from cinedit.generator.text import MINILM_MAX_LENGTH, TextEncoder, load_text_encoder, text_identity
@@ -225,15 +228,57 @@ def build_dataset(cfg: GeneratorTrainConfig, info: DistInfo, tokenizer: Any) -> 
     return VideoDataset(read_meta(source) if not controls else source, dcfg, replace_bad=True, controls=controls)
 
 
-def build_loader(ds: Dataset, cfg: GeneratorTrainConfig, rank: int, size: int, seed: int) -> BucketLoader:
+def sample_tokens(tokenizer: Any, patch_size: int, text_tokens: int) -> Callable[[int, int, int], int]:
+    """What a pack's budget counts for a sample loaded at bucket shape (t, h, w): its latent's image tokens and its
+    text tokens."""
+
+    def tokens(t: int, h: int, w: int) -> int:
+        _, lt, lh, lw = tokenizer.latent_shape(t, h, w)
+        return lt * token_count(lh, lw, patch_size) + text_tokens
+
+    return tokens
+
+
+def build_loader(
+    ds: Dataset,
+    cfg: GeneratorTrainConfig,
+    rank: int,
+    size: int,
+    seed: int,
+    tokens: Callable[[int, int, int], int] | None = None,
+) -> BucketLoader:
+    """Bucketed batches, or with `data.packing` packs (lists of samples) of `tokens(t, h, w)` tokens each."""
     dcfg = dataclasses.replace(cfg.data, seed=seed)
-    sampler = build_sampler(ds, dcfg, rank, size)
+    if not dcfg.packing:
+        sampler = build_sampler(ds, dcfg, rank, size)
+        if len(sampler) == 0:
+            raise ConfigError(
+                f"{len(ds)} samples give no full batch with buckets {dcfg.buckets.table}: lower the batch sizes "
+                f"(cached latents only fit the bucket shape they were encoded at)"
+            )
+        return build_dataloader(ds, sampler, dcfg.num_workers, dcfg.prefetch_factor)
+    dcfg.validate()
+    try:
+        sampler = PackingSampler(
+            ds,
+            dcfg.buckets,
+            tokens_per_batch=dcfg.tokens_per_batch,
+            tokens=tokens,
+            dp_rank=rank,
+            dp_size=size,
+            seed=dcfg.seed,
+            frame_stride=dcfg.frame_stride,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if len(sampler) == 0:
         raise ConfigError(
-            f"{len(ds)} samples give no full batch with buckets {dcfg.buckets.table}: lower the batch sizes "
-            f"(cached latents only fit the bucket shape they were encoded at)"
+            f"{len(ds)} samples give no full pack of data.tokens_per_batch={dcfg.tokens_per_batch} tokens for "
+            f"{size} data-parallel rank(s): lower tokens_per_batch or add data (cached latents only fit the bucket "
+            f"shape they were encoded at)"
         )
-    return build_dataloader(ds, sampler, dcfg.num_workers, dcfg.prefetch_factor)
+    # A pack mixes shapes: the step gets the list of samples, nothing stacked.
+    return build_dataloader(ds, sampler, dcfg.num_workers, dcfg.prefetch_factor, collate_fn=list)
 
 
 @dataclass(kw_only=True)
@@ -337,7 +382,8 @@ def build_trainer(cfg: GeneratorTrainConfig, info: DistInfo) -> Trainer:
         ulysses = pc.ulysses_size() if pc.cp_mode == "hybrid" else None
         cp = ContextParallel(layout.cp_group, pc.cp_mode, ulysses)
     # Context-parallel group members read the same samples.
-    loader = build_loader(ds, cfg, layout.dp_rank, layout.dp_size, cfg.data.seed)
+    tokens = sample_tokens(tokenizer, mcfg.patch_size, null_txt.shape[1])
+    loader = build_loader(ds, cfg, layout.dp_rank, layout.dp_size, cfg.data.seed, tokens=tokens)
     return Trainer(
         cfg=cfg,
         info=info,
@@ -448,42 +494,98 @@ def flow_inputs(
     return inputs, pack(velocity_target(x0, noise), p)
 
 
-def train_step(tr: Trainer, batch: dict[str, Any], step: int) -> dict[str, float]:
-    """One MMDiT update on a batch; returns scalars to log."""
-    cfg, dev = tr.cfg, tr.info.device
-    x0, txt, vec = encode_batch(tr, batch)
-    g = step_generator(tr, step)
+def flow_draws(
+    tr: Trainer, x0: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, g: torch.Generator
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None, Condition]:
+    """A batch's draws from the step generator g, in this order: caption dropout, visual condition, timesteps,
+    noise. Returns the model's keyword inputs (all but control), the packed velocity target, the loss mask (None:
+    every token) and the condition."""
+    cfg, dev, p = tr.cfg, tr.info.device, tr.patch_size
     if cfg.flow.caption_dropout > 0:
         txt, vec = caption_dropout(txt, vec, tr.null_txt, tr.null_vec, cfg.flow.caption_dropout, generator=g)
     cond, _ = tr.conditions.condition(x0, g)
     b, _, lt, lh, lw = x0.shape
-    p = tr.patch_size
     # The shift uses the real number of spatial tokens per latent frame (DESIGN.md: not the reference's /4).
     t = sample_timesteps(b, token_count(lh, lw, p), lt, generator=g).to(dev)
     noise = torch.randn(x0.shape, generator=g).to(dev)
     inputs, target = flow_inputs(tr, x0, txt, t, noise)
+    inputs.update(txt=txt, vec=vec, cond=cond.tokens(p))
+    mask = None if cfg.flow.loss_on_given else cond.loss_mask(p)
+    return inputs, target, mask, cond
+
+
+def update(tr: Trainer, loss: torch.Tensor) -> dict[str, float]:
+    """Backward, optimizer step and EMA; the scalars every step logs (loss: the mean over all ranks, context-parallel
+    members holding equal copies, not rank 0's own)."""
+    tr.booster.backward(loss, tr.optimizer)
+    grad_norm = tr.booster.step(tr.model, tr.optimizer, tr.cfg.parallel.grad_clip)
+    if tr.ema is not None:
+        tr.ema.update(tr.module)
+    return {
+        "loss": all_reduce_sum([float(loss.detach())], tr.info.device)[0] / tr.info.world_size,
+        "grad_norm": grad_norm,
+        "lr": tr.optimizer.param_groups[0]["lr"],
+    }
+
+
+def train_step(tr: Trainer, batch: dict[str, Any] | list[dict[str, Any]], step: int) -> dict[str, float]:
+    """One MMDiT update on a batch (with `data.packing`, on a pack: `train_pack_step`); returns scalars to log."""
+    if tr.cfg.data.packing:
+        return train_pack_step(tr, batch, step)
+    cfg, dev = tr.cfg, tr.info.device
+    x0, txt, vec = encode_batch(tr, batch)
+    inputs, target, mask, cond = flow_draws(tr, x0, txt, vec, step_generator(tr, step))
     # control.enabled: the model is a `ControlledMMDiT`, its forward the base's under `with_control`.
     extra = control_kwargs(tr, encode_control(tr, batch) if cfg.control.enabled else None, x0)
     tr.model.train()
     with autocast(dev, cfg.parallel.precision):
         if tr.cp is None:
-            pred = tr.model(txt=txt, vec=vec, cond=cond.tokens(p), **inputs, **extra)
+            pred = tr.model(**inputs, **extra)
         else:
             # Every rank of the group gets the whole prediction and takes the same loss (see ContextParallel).
-            pred = tr.cp.forward(tr.model, txt=txt, vec=vec, cond=cond.tokens(p), **inputs)
-    mask = None if cfg.flow.loss_on_given else cond.loss_mask(p)
+            pred = tr.cp.forward(tr.model, **inputs)
     loss = flow_loss(pred, target, mask)
-    tr.booster.backward(loss, tr.optimizer)
-    grad_norm = tr.booster.step(tr.model, tr.optimizer, cfg.parallel.grad_clip)
-    if tr.ema is not None:
-        tr.ema.update(tr.module)
     return {
-        # The mean over all ranks (context-parallel members hold equal copies), not rank 0's own batch.
-        "loss": all_reduce_sum([float(loss.detach())], dev)[0] / tr.info.world_size,
-        "grad_norm": grad_norm,
-        "lr": tr.optimizer.param_groups[0]["lr"],
-        "tokens": float(b * inputs["img"].shape[1]) / tr.booster.layout.cp_size,  # this rank's share
+        **update(tr, loss),
+        "tokens": float(x0.shape[0] * inputs["img"].shape[1]) / tr.booster.layout.cp_size,  # this rank's share
         "given_share": float(cond.mask.mean()),
+    }
+
+
+def encode_pack(tr: Trainer, pack: list[dict[str, Any]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`encode_batch` of each sample of a pack, as a batch of one."""
+    return [encode_batch(tr, collate([item])) for item in pack]
+
+
+def pack_draws(
+    tr: Trainer, encoded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], g: torch.Generator
+) -> tuple[PackedBatch, list[torch.Tensor], list[torch.Tensor | None], list[Condition]]:
+    """Each sample's `flow_draws` (as a batch of one, its own timestep shift), one sample after the other from g,
+    and the pack of their model inputs; with the targets, loss masks and conditions in pack order."""
+    samples, targets, masks, conds = [], [], [], []
+    for x0, txt, vec in encoded:
+        inputs, target, mask, cond = flow_draws(tr, x0, txt, vec, g)
+        samples.append(Sample.from_inputs(inputs))
+        targets.append(target)
+        masks.append(mask)
+        conds.append(cond)
+    return PackedBatch.from_samples(samples), targets, masks, conds
+
+
+def train_pack_step(tr: Trainer, pack: list[dict[str, Any]], step: int) -> dict[str, float]:
+    """One MMDiT update on a pack of samples of mixed shapes: one packed forward through the boosted model (so DDP
+    and the ColossalAI plugins synchronise gradients as for a batch); the loss is the mean of the per-sample flow
+    losses, every sample weighing the same, as in a bucketed batch."""
+    cfg, dev = tr.cfg, tr.info.device
+    packed, targets, masks, conds = pack_draws(tr, encode_pack(tr, pack), step_generator(tr, step))
+    tr.model.train()
+    with autocast(dev, cfg.parallel.precision):
+        pred = tr.model(**packed.inputs())
+    loss = packed_flow_losses(packed.unpack_img(pred), targets, masks).mean()
+    return {
+        **update(tr, loss),
+        "tokens": float(packed.img.shape[1]),  # this rank's real image tokens, as the bucketed step counts
+        "given_share": sum(float(c.mask.mean()) for c in conds) / len(conds),
     }
 
 
@@ -497,14 +599,16 @@ def build_eval_data(tr: Trainer) -> None:
             ds = VideoDataset(cc.eval_meta, tr.cfg.data, replace_bad=True, controls=cc.columns())
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"control.eval_meta: {e}") from None
-    loader = build_loader(ds, tr.cfg, dp_rank, dp_size, mix_seed(tr.cfg.data.seed, 0xE7A1))
+    tokens = sample_tokens(tr.tokenizer, tr.patch_size, tr.null_txt.shape[1])
+    loader = build_loader(ds, tr.cfg, dp_rank, dp_size, mix_seed(tr.cfg.data.seed, 0xE7A1), tokens=tokens)
     tr.eval_data, tr.eval_control = [], []
-    for batch in loader:
-        x0, txt, vec = encode_batch(tr, batch)
-        tr.eval_data.append((x0.cpu(), txt.cpu(), vec.cpu()))
+    for n, batch in enumerate(loader, 1):
+        # A pack's samples have different shapes: each is a batch of its own (so every sample weighs the same).
+        encoded = encode_pack(tr, batch) if tr.cfg.data.packing else [encode_batch(tr, batch)]
+        tr.eval_data += [(x0.cpu(), txt.cpu(), vec.cpu()) for x0, txt, vec in encoded]
         if cc.enabled:
             tr.eval_control.append(encode_control(tr, batch).cpu())
-        if len(tr.eval_data) == tr.cfg.train.eval_batches:
+        if n == tr.cfg.train.eval_batches:
             break
 
 
@@ -722,6 +826,7 @@ __all__ = [
     "model_config",
     "sample_validation",
     "save",
+    "train_pack_step",
     "train_step",
     "validation_prompts",
 ]
