@@ -23,7 +23,7 @@ from cinedit.configs.data import DataConfig
 from cinedit.data.cache import CacheReader
 from cinedit.data.captions import check_motion_scores, training_caption
 from cinedit.data.meta import read_meta
-from cinedit.data.video import MediaError, frame_stride, num_sampled_frames, read_video
+from cinedit.data.video import MediaCache, MediaError, frame_stride, num_sampled_frames, read_video
 
 # Tensors that may differ in length within a batch (text tokens): right-padded, with a `<key>_mask`.
 PADDED_KEYS = ("txt",)
@@ -80,6 +80,8 @@ class VideoDataset(Dataset):
         # shape; elsewhere (caching, evaluation) it raises MediaError for the caller to report and skip.
         self.replace_bad = replace_bad
         self.bad: set[int] = set()  # indices found unreadable (per process: each loader worker keeps its own)
+        mb = self.config.decode_cache_mb
+        self.cache = MediaCache(mb * 2**20) if mb else None  # per process too (a pickled cache starts empty)
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -110,6 +112,7 @@ class VideoDataset(Dataset):
             size=(h, w),
             rng=np.random.default_rng(seed),
             total_frames=int(row["num_frames"]) or None,
+            cache=self.cache,
         )
         extra = {}
         if self.controls:

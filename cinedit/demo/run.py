@@ -18,7 +18,7 @@ lists those command lines.
 The budget: after the data step and the untrained tokenizer's scores, a calibration (about a minute on 2 cores)
 times a few real training steps of every trained run, one checkpoint, evaluation and sample of each, the latent
 cache and one sample video; the step counts are then chosen so that the whole demo, calibration included, is
-estimated to take 90% of --minutes (each at least 2 steps, the tokenizer at most 1600). The chosen plan (step
+estimated to take 95% of --minutes (each at least 2 steps, the tokenizer at most 1600). The chosen plan (step
 counts, measured costs, the machine) goes to `<out>/plan.json` and into report.md. `--plan FILE` (a plan.json of
 an earlier run) skips the calibration and replays its step counts, seed and torch threads: the same plan gives the
 same results, whatever the clock says. Torch runs cores / (1 + data workers) threads (each data worker one).
@@ -764,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=None,
         help=f"the wall-time budget (default {DEFAULT_MINUTES:g}): a short calibration times every stage on this "
-        "machine and picks step counts estimated to take 90%% of it (at least 2 steps each, so a tiny budget can be "
+        "machine and picks step counts estimated to take 95%% of it (at least 2 steps each, so a tiny budget can be "
         "overrun); the plan is written to <out>/plan.json",
     )
     p.add_argument(
