@@ -266,7 +266,8 @@ class Trainer:
 
 
 def build_optimizer(params: Any, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-8):
-    # foreach: the same update bit for bit as torch's CPU default (a loop over the tensors), 1.5x faster on CPU.
+    # foreach: the same update bit for bit as torch's CPU default (a loop over the tensors), its step 1.5x faster on CPU
+    # (the debug DC-AE: 49 against 75 ms on a loaded 2-core machine).
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps, foreach=True)
 
 
