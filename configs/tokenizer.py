@@ -254,7 +254,7 @@ def debug() -> TokenizerTrainConfig:
             eval_batch=2,
             crop_scale=2.0,
             flip=True,
-            decode_cache_mb=512,  # the sample data decoded once (~250 MB): 15% of a CPU step was decoding
+            decode_cache_mb=512,  # the sample data decoded once (125 MiB): 15% of a CPU step was decoding
         ),
         loss=LossConfig(lpips_weight=0.0, mse_weight=1.0, latent_weight=1e-2),
         disc=DiscConfig(start=5, filters=8),

@@ -265,16 +265,18 @@ class ClipReader:
         """Decode the whole file once and keep its frames (and the packet span), then close the file: later `read`s
         pick from memory and give the same frames a seeking read decodes. For `MediaCache`; returns self."""
         if self._all is None:
-            self.packet_span()
             frames: list[tuple[int, av.VideoFrame]] = []
             try:
-                for frame in self.container.decode(self.stream):
-                    self.frames_decoded += 1
-                    frames.append((self._index_of(frame), frame))
-            except av.error.FFmpegError as e:
-                self._all_failure = e
+                self.packet_span()
+                try:
+                    for frame in self.container.decode(self.stream):
+                        self.frames_decoded += 1
+                        frames.append((self._index_of(frame), frame))
+                except av.error.FFmpegError as e:
+                    self._all_failure = e
+            finally:
+                self.close()  # also when something else goes wrong: the frames outlive the file
             self._all = frames
-            self.close()
         return self
 
     @property
