@@ -1,6 +1,11 @@
 """Latent-scale study of the `debug` tokenizer preset on the sample data: a few variants, trained one at a time.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/tokenizer_study.py --steps 150 --out runs/tokenizer_study
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/tokenizer_study.py --demo --steps 560 --out runs/tokenizer_study_demo
+
+`--demo` trains as `cinedit demo` does (its curated data, warm-up, cosine decay and adversarial tail, seed 42) and
+adds the demo's own scores: `cinedit eval recon`'s protocol on the held-out clips (16 frames at stride 2, 64x64,
+the whole frame) for the model and the trivial codec, the figures the demo's report compares.
 
 Each variant is `cinedit tokenizer train debug` plus its overrides, for --steps steps with no samples or
 checkpoints, evaluated at the end by the trainer itself (held-out L1 / PSNR, `latent/*` statistics of the EMA model
@@ -26,11 +31,14 @@ from cinedit.cli import main as cli_main
 from cinedit.configs import load_config
 from cinedit.data.buckets import mix_seed
 from cinedit.data.dataset import VideoDataset
-from cinedit.data.meta import read_meta
+from cinedit.data.filter import filter_meta
+from cinedit.data.meta import read_meta, write_meta
 from cinedit.data.sample import build_sample_data
-from cinedit.demo.tokenizer import baseline, baseline_shape
+from cinedit.demo.plan import adversarial_start
+from cinedit.demo.tokenizer import RECON_FRAMES, RECON_SIZE, RECON_STRIDE, baseline, baseline_shape
 from cinedit.eval import psnr, ssim
 from cinedit.runtime.logs import read_metrics
+from cinedit.tokenizer.commands import read_clip
 from cinedit.tokenizer.loading import load_pretrained
 from cinedit.tokenizer.losses import latent_moments, moments_std
 from cinedit.tokenizer.train import split_meta
@@ -48,16 +56,32 @@ VARIANTS: dict[str, list[str]] = {
     "lr 1e-3, warm-up 20, cosine": ["--optim.warmup_steps=20", "--optim.decay=cosine"],
     "image share 0.5": ["--train.image_share=0.5"],
     "EMA 0.999": ["--ema.decay=0.999"],
+    "windows up to 1.5x": ["--data.crop_scale=1.5"],
+    "windows up to 1.25x": ["--data.crop_scale=1.25"],
+    "image share 0.1": ["--train.image_share=0.1"],
+    "squared error only": ["--loss.l1_weight=0"],
 }
 
 
-def run_variant(name: str, overrides: list[str], meta: Path, out: Path, steps: int) -> Path:
+def demo_schedule(steps: int) -> list[str]:
+    """The overrides `cinedit demo` trains its tokenizer with (`cinedit.demo.run.tokenizer_argv`)."""
+    return [
+        f"--optim.warmup_steps={min(20, steps // 20)}",
+        "--optim.decay=cosine",
+        "--optim.min_lr_ratio=0.05",
+        f"--disc.start={adversarial_start(steps)}",
+        "--data.seed=42",
+        "--train.seed=42",
+    ]
+
+
+def run_variant(name: str, overrides: list[str], meta: Path, out: Path, steps: int, demo: bool = False) -> Path:
     if (out / "model" / "config.json").is_file():
         print(f"[{name}] reusing {out}", flush=True)
         return out
     argv = ["tokenizer", "train", "debug", f"--data.meta={meta}", f"--train.out_dir={out}", "--train.progress=false"]
     argv += [f"--train.steps={steps}", f"--train.eval_every={steps}", "--train.sample_every=0", "--train.ckpt_every=0"]
-    argv += ["--train.overwrite=true", *overrides]
+    argv += ["--train.overwrite=true", *(demo_schedule(steps) if demo else []), *overrides]
     print(f"[{name}] $ cinedit {' '.join(argv)}", flush=True)
     if cli_main(argv) != 0:
         raise RuntimeError(f"variant {name!r} failed")
@@ -104,6 +128,23 @@ def score(run: Path, clips: list[torch.Tensor]) -> dict[str, float]:
     }
 
 
+@torch.no_grad()
+def demo_scores(run: Path) -> dict[str, float]:
+    """The demo's held-out figures: each held-out clip read whole (16 frames at stride 2, 64x64), reconstructed by the
+    model and by the trivial codec; mean PSNR / SSIM over the clips."""
+    cfg, model = load_config(run), load_pretrained(run / "model").eval()
+    _, held = split_meta(read_meta(cfg.data.meta), cfg.data)
+    sums = dict.fromkeys(("demo_psnr", "demo_ssim", "codec_psnr", "codec_ssim"), 0.0)
+    for path in held["path"]:
+        x = read_clip(Path(path), RECON_FRAMES, RECON_STRIDE, RECON_SIZE).video
+        t, h, w = x.shape[2:]
+        shape = baseline_shape(math.prod(model.latent_shape(t, h, w)), t, h, w, model.temporal_compression)
+        for key, rec in (("demo", model(x).clamp(-1, 1)), ("codec", baseline(x, shape))):
+            sums[f"{key}_psnr"] += float(psnr(rec, x).mean()) / len(held)
+            sums[f"{key}_ssim"] += float(ssim(rec, x).mean()) / len(held)
+    return sums
+
+
 def baseline_scores(clips: list[torch.Tensor], run: Path) -> dict[str, float]:
     model = load_pretrained(run / "model")
     x = torch.stack(clips)
@@ -114,14 +155,21 @@ def baseline_scores(clips: list[torch.Tensor], run: Path) -> dict[str, float]:
 
 
 def table(rows: dict[str, dict[str, float]], base: dict[str, float]) -> str:
+    demo = all("demo_psnr" in r for r in rows.values())
     head = "| variant | held-out PSNR (dB) | SSIM | val L1 | std video | std image | ratio v/i | std photos | 1/std |"
-    lines = [head, "|" + "---|" * 9]
+    head += " demo PSNR / SSIM | codec PSNR / SSIM |" if demo else ""
+    lines = [head, "|" + "---|" * (11 if demo else 9)]
     for name, r in rows.items():
-        lines.append(
+        line = (
             f"| {name} | {r['psnr']:.2f} | {r['ssim']:.4f} | {r['val_l1']:.4f} | {r['std_video']:.4g} | "
             f"{r['std_image']:.4g} | {r['ratio']:.3g} | {r['std_photos']:.4g} | {r['scaling_factor']:.3g} |"
         )
-    lines.append(f"| trivial codec (same value count) | {base['psnr']:.2f} | {base['ssim']:.4f} | | | | | | |")
+        if demo:
+            line += f" {r['demo_psnr']:.2f} / {r['demo_ssim']:.3f} | {r['codec_psnr']:.2f} / {r['codec_ssim']:.3f} |"
+        lines.append(line)
+    lines.append(
+        f"| trivial codec (same value count) | {base['psnr']:.2f} | {base['ssim']:.4f} |" + " |" * (8 if demo else 6)
+    )
     return "\n".join(lines)
 
 
@@ -130,17 +178,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150, help="training steps per variant (default 150)")
     p.add_argument("--out", type=Path, default=Path("runs/tokenizer_study"))
     p.add_argument("--only", nargs="*", default=None, help="variant names to run (default all)")
+    p.add_argument("--demo", action="store_true", help="train and score as `cinedit demo` does (see above)")
     args = p.parse_args(argv)
     meta = args.out / "sample_data" / "meta.csv"
     if not meta.is_file():
         meta = build_sample_data(args.out / "sample_data", overwrite=True, progress=False)
+    if args.demo:  # the demo's curation: clips and photographs of at least 128 px a side
+        curated = meta.with_name("meta_filtered.csv")
+        if not curated.is_file():
+            write_meta(filter_meta(read_meta(meta), min_height=128, min_width=128)[0], curated)
+        meta = curated
     rows, clips, last_run = {}, None, None
     for i, (name, overrides) in enumerate(VARIANTS.items()):
         if args.only is not None and name not in args.only:
             continue
-        run = run_variant(name, overrides, meta, args.out / f"v{i}_steps{args.steps}", args.steps)
+        run = run_variant(name, overrides, meta, args.out / f"v{i}_steps{args.steps}", args.steps, args.demo)
         clips = clips if clips is not None else heldout_clips(load_config(run))
         rows[name], last_run = score(run, clips), run
+        if args.demo:
+            rows[name].update(demo_scores(run))
         print(json.dumps({name: rows[name]}), flush=True)
     if last_run is None:
         print("no variant ran", file=sys.stderr)

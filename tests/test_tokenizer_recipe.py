@@ -1,5 +1,6 @@
-"""The tokenizer recipe's parts that make a small run learn: random training windows and flips (`TrainCrops`), the
-squared-error term, and the zero-initialised residual branches of the Video DC-AE."""
+"""The tokenizer recipe's parts that make a small run learn: random training windows and flips (`TrainCrops`), square
+reads bucketed together (`square_meta`), the squared-error term, and the zero-initialised residual branches of the
+Video DC-AE."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from cinedit.configs import ConfigError
 from cinedit.configs.tokenizer import TokenizerDataConfig, TokenizerModelConfig, debug, f32t4c128
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta
+from cinedit.runtime.dist import DistInfo
 from cinedit.tokenizer.losses import ReconstructionLoss
 from cinedit.tokenizer.model import DCAEConfig, EfficientViTBlock, ResBlock, Residual, VideoDCAE
 from cinedit.tokenizer.model import debug as debug_model
-from cinedit.tokenizer.train import TrainCrops, build_model
+from cinedit.tokenizer.train import TrainCrops, build_data, build_model, square_meta
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,6 +55,28 @@ def test_flip_mirrors_about_half_of_the_samples(clip_dataset):
         assert torch.equal(got, plain) or torch.equal(got, plain.flip(-1))
         flipped += torch.equal(got, plain.flip(-1)) and not torch.equal(got, plain)
     assert 3 <= flipped <= 13
+
+
+def test_square_training_buckets_every_aspect_ratio_together(sample_data, tmp_path):
+    """Square reads share one bucket per frame count whatever the clip's aspect ratio: every training clip is read.
+    Bucketed by aspect ratio, the sample data's one 16:9 training clip sat alone in its bucket, never filled a batch of
+    2 and was never trained on."""
+    cfg = debug()
+    cfg.data.meta, cfg.data.decode_cache_mb, cfg.train.out_dir = str(sample_data[1]), 0, str(tmp_path)
+    data = build_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    meta = data.video.loader.dataset.dataset.meta
+    ratios = {round(h / w, 2) for h, w in zip(meta["height"], meta["width"])}
+    assert len(meta) == 7 and len(ratios) >= 3  # training clips of several aspect ratios
+    assert square_meta(meta)["height"].tolist() == square_meta(meta)["width"].tolist()
+    seen, shapes = set(), set()
+    for epoch in range(12):
+        data.video.sampler.set_epoch(epoch)
+        for batch in data.video.sampler:
+            seen.update(item[0] for item in batch)
+            shapes.update(tuple(item[1:4]) for item in batch)
+    assert seen == set(range(len(meta))), f"never read: {sorted(set(meta['path'][i] for i in set(range(7)) - seen))}"
+    assert shapes == {(8, 64, 64)}
+    assert len(data.video) == 3  # 7 clips, batches of 2: one bucket, three full batches an epoch
 
 
 def test_crop_scale_is_validated_and_off_in_the_release_recipe():

@@ -132,7 +132,8 @@ class TrainCrops(Dataset):
     `crop_scale` times larger; `flip` mirrors half the samples left-right.
 
     Scale, window and flip are drawn from the sample's seed (the sampler's), so a resumed run reads the same pixels.
-    With crop_scale 1 and no flip the sample is the plain resize-to-fill and centre crop.
+    With crop_scale 1 and no flip the sample is the plain resize-to-fill and centre crop. With `square` the sampler
+    buckets the samples by `square_meta`, the shapes they are read at.
     """
 
     def __init__(
@@ -145,6 +146,8 @@ class TrainCrops(Dataset):
     ):
         self.dataset, self.meta, self.multiple = dataset, dataset.meta, multiple
         self.square, self.crop_scale, self.flip = square, crop_scale, flip
+        if square:
+            self.meta = square_meta(dataset.meta)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -164,6 +167,18 @@ class TrainCrops(Dataset):
         if self.flip and rng.random() < 0.5:
             video = video.flip(-1)
         return {**sample, "video": video.contiguous(), "height": h, "width": w}
+
+
+def square_meta(meta: pd.DataFrame) -> pd.DataFrame:
+    """`meta` with every sample's height and width replaced by the side of the square of its pixel count: the shapes
+    the sampler buckets square training reads by.
+
+    Square reads make every aspect ratio of a resolution the same shape, so they share one bucket per frame count.
+    Bucketed by their own aspect ratios, a sample alone in its ratio would never fill a batch and never be trained on
+    (in the sample data the only colourful training clip, the one 16:9 video, was never read).
+    """
+    side = np.sqrt(meta["height"].to_numpy(np.float64) * meta["width"].to_numpy(np.float64)).round().astype(np.int64)
+    return meta.assign(height=side, width=side)
 
 
 def split_meta(meta: pd.DataFrame, cfg: TokenizerDataConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
