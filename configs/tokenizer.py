@@ -15,7 +15,7 @@ from cinedit.configs.parallel import ParallelConfig
 from cinedit.configs.train import RUN_CONTROL, EMAConfig, LoopConfig
 
 # The Video DC-AE presets of `cinedit.tokenizer.model.PRESETS` (a test keeps the two in step).
-DCAE_PRESETS = ("f32t4c128", "f32t4c256", "debug")
+DCAE_PRESETS = ("f32t4c128", "f32t4c256", "debug", "demo")
 # `tokenizer.path` / `cinedit data cache --tokenizer` value for the debug preset with random (seeded) weights.
 DEBUG_TOKENIZER = "debug"
 LPIPS_NETS = ("alex", "vgg")

@@ -60,6 +60,7 @@ VARIANTS: dict[str, list[str]] = {
     "windows up to 1.25x": ["--data.crop_scale=1.25"],
     "image share 0.1": ["--train.image_share=0.1"],
     "squared error only": ["--loss.l1_weight=0"],
+    "the demo's: demo model, windows up to 1.5x": ["--model.preset=demo", "--data.crop_scale=1.5"],
 }
 
 

@@ -203,6 +203,10 @@ def test_demo_writes_the_report(finished):
     # Stages 1 and 2 share their buckets, so stage 2 reads stage 1's cache.
     stage2 = json.loads((out / "generator_stage2" / "config.json").read_text())
     assert stage2["data"]["cache_dir"] == str(out / "cache" / "stage1")
+    # The tokenizer trainer's `debug` preset with the demo's model and windows.
+    tok = json.loads((out / "tokenizer" / "config.json").read_text())
+    assert tok["_preset"] == "debug" and tok["model"]["preset"] == "demo" and tok["data"]["crop_scale"] == 1.5
+    assert json.loads((out / "tokenizer_scaled" / "config.json").read_text())["encoder_width_list"][:2] == [4, 8]
     scale = json.loads((out / "tokenizer_scaled" / "config.json").read_text())["scaling_factor"]
     assert scale == pytest.approx(json.loads((out / "tokenizer_scaled" / "latent_stats.json").read_text())["std"])
     recon = json.loads((out / "eval" / "compare.json").read_text())

@@ -15,6 +15,7 @@ from cinedit.runtime.dist import DistInfo
 from cinedit.tokenizer.losses import ReconstructionLoss
 from cinedit.tokenizer.model import DCAEConfig, EfficientViTBlock, ResBlock, Residual, VideoDCAE
 from cinedit.tokenizer.model import debug as debug_model
+from cinedit.tokenizer.model import demo as demo_model
 from cinedit.tokenizer.train import TrainCrops, build_data, build_model, square_meta
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -93,6 +94,17 @@ def test_squared_error_term_adds_to_l1():
     both, parts = ReconstructionLoss(1.0, mse_weight=0.5)(x, rec)
     assert parts["mse"].item() == pytest.approx((x - rec).square().mean().item(), rel=1e-6)
     assert both.item() == pytest.approx(l1_only.item() + 0.5 * parts["mse"].item(), rel=1e-6)
+
+
+def test_demo_model_is_debug_with_narrow_full_resolution_stages():
+    demo, small = demo_model(), debug_model()
+    demo.validate()
+    assert demo.encoder_width_list == demo.decoder_width_list == [4, 8, *small.encoder_width_list[2:]]
+    assert (demo.spatial_compression, demo.temporal_compression) == (small.spatial_compression, 4) == (32, 4)
+    assert demo.latent_channels == small.latent_channels and demo.encoder_block_types == small.encoder_block_types
+    x = torch.rand(1, 3, 8, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert VideoDCAE(demo).encode(x).shape == VideoDCAE(small).encode(x).shape == (1, 16, 2, 2, 2)
 
 
 def test_untrained_blocks_are_the_identity():

@@ -45,7 +45,8 @@ SAMPLE_STEPS_AT_DEFAULT = 25  # sampling steps of the samples at --minutes 10 (s
 MARGIN = 0.95
 PLAN_FORMAT = "cinedit-demo-plan/1"
 
-TOKENIZER_PRESET = "debug"
+TOKENIZER_PRESET = "debug"  # the tokenizer trainer's preset, with the model and windows below
+TOKENIZER_MODEL, TOKENIZER_CROP_SCALE = "demo", 1.5
 # The generator chain: stage -> (preset, demo-only overrides); each stage starts from the previous one's final model.
 # These are the CPU twins of the three GPU stages (64px t2v -> 64px t/i2v -> 128px t/i2v). The demo runs every stage
 # in this one process, so the last one drops context parallelism; it also trains inpainting there (the stage

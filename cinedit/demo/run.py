@@ -2,7 +2,8 @@
 
 1. data: build the sample dataset (real clips and photographs, indexed), curate it, load one bucketed epoch and
    time decoding;
-2. tokenizer: train the `debug` Video DC-AE from scratch; score held-out clips before and after training (the
+2. tokenizer: train the `demo` Video DC-AE (the tokenizer trainer's `debug` preset with the demo's model and
+   windows, `tokenizer_argv`) from scratch; score held-out clips before and after training (the
    `cinedit eval recon` command) next to a resize baseline of the same size; measure its latent scale;
 3. cache: encode latents with the trained tokenizer and captions with MiniLM (`cinedit data cache`);
 4. generator: the `debug_stage1` -> `debug_stage2` -> `debug_stage3` chain (64px text-to-video, 64px text/image-
@@ -85,7 +86,9 @@ from cinedit.demo.plan import (
     TEXT_ENCODER,
     TOKENIZER_CALIBRATION_DISC,
     TOKENIZER_CALIBRATION_STEPS,
+    TOKENIZER_CROP_SCALE,
     TOKENIZER_DIR,
+    TOKENIZER_MODEL,
     TOKENIZER_PRESET,
     DemoError,
     Plan,
@@ -270,7 +273,10 @@ def tokenizer_argv(run: Run, steps: int | None = None, meta: Path | None = None)
     # The demo knows its length: a short warm-up and a cosine decay (+0.15 dB held-out at 400 steps in the study).
     schedule = [f"--optim.warmup_steps={min(20, steps // 20)}", "--optim.decay=cosine", "--optim.min_lr_ratio=0.05"]
     disc = f"--disc.start={adversarial_start(steps)}"
-    return [TOKENIZER_PRESET, meta_arg, disc, *schedule, *run_args(run, steps, run.out / TOKENIZER_DIR)]
+    # The `demo` DC-AE (the `debug` layout, its two full-resolution stages at half width) takes 0.7x as long a step;
+    # windows of up to 1.5x zoom are closer to the whole frames it is scored on (scripts/tokenizer_study.py --demo).
+    model = [f"--model.preset={TOKENIZER_MODEL}", f"--data.crop_scale={TOKENIZER_CROP_SCALE}"]
+    return [TOKENIZER_PRESET, meta_arg, *model, disc, *schedule, *run_args(run, steps, run.out / TOKENIZER_DIR)]
 
 
 def stage_argv(run: Run, stage: str, steps: int | None = None) -> list[str]:
@@ -351,7 +357,7 @@ def run_recon_start(run: Run) -> tuple[Path, Path]:
 def run_tokenizer(run: Run, heldout: Path, init: Path) -> dict[str, Any]:
     """Training, trained reconstructions, the baseline and the strips, the latent scale."""
 
-    header(f"tokenizer: the `{TOKENIZER_PRESET}` Video DC-AE from scratch, {run.plan.tokenizer_steps} steps")
+    header(f"tokenizer: the `{TOKENIZER_MODEL}` Video DC-AE from scratch, {run.plan.tokenizer_steps} steps")
     argv = tokenizer_argv(run)
     ev, meta = run.out / EVAL_DIR, run.out / "data" / "meta_filtered.csv"
     run_dir = train(run, "tokenizer", "tokenizer", argv)
