@@ -307,7 +307,7 @@ def write_report(out: Path, ctx: dict[str, Any]) -> Path:
         "",
         "## 3. Generator: the stage chain on cached latents",
         "",
-        f"A tokenizer trained from scratch has no latent scale (the `debug` preset's scaling factor is None): on the "
+        f"A tokenizer trained from scratch has no latent scale (the `demo` preset's scaling factor is None): on the "
         f"generator's clips and shapes its latents have std {recon['latent']['std']:.3f} (mean "
         f"{recon['latent']['mean']:.3f}). `tokenizer_scaled/` is the same model with scaling_factor "
         f"{recon['latent']['std']:.3f} (the release's is 0.493), so the generator sees unit-variance latents."

@@ -273,7 +273,7 @@ def tokenizer_argv(run: Run, steps: int | None = None, meta: Path | None = None)
     # The demo knows its length: a short warm-up and a cosine decay (+0.15 dB held-out at 400 steps in the study).
     schedule = [f"--optim.warmup_steps={min(20, steps // 20)}", "--optim.decay=cosine", "--optim.min_lr_ratio=0.05"]
     disc = f"--disc.start={adversarial_start(steps)}"
-    # The `demo` DC-AE (the `debug` layout, its two full-resolution stages at half width) takes 0.7x as long a step;
+    # The `demo` DC-AE (the `debug` layout, its two full-resolution stages at half width) takes 0.7-0.8x as long a step;
     # windows of up to 1.5x zoom are closer to the whole frames it is scored on (scripts/tokenizer_study.py --demo).
     model = [f"--model.preset={TOKENIZER_MODEL}", f"--data.crop_scale={TOKENIZER_CROP_SCALE}"]
     return [TOKENIZER_PRESET, meta_arg, *model, disc, *schedule, *run_args(run, steps, run.out / TOKENIZER_DIR)]

@@ -7,7 +7,7 @@ values per clip as the tokenizer's latent: each group of `temporal_compression` 
 each of those area-resized to the largest (h, w) at the clip's aspect with 3 * h * w at most the latent's values
 per latent frame; it is decoded by trilinear interpolation back to the clip's size.
 
-A tokenizer trained from scratch has no scaling factor (the `debug` preset's is None), so its latents are far from
+A tokenizer trained from scratch has no scaling factor (the `demo` preset's is None), so its latents are far from
 the unit variance rectified flow assumes. `calibrate` measures their standard deviation on the clips and shapes the
 generator trains on and writes the model folder again with `scaling_factor` set to it, as the release's 0.493 is.
 """
@@ -43,7 +43,7 @@ from cinedit.tokenizer.model import VideoDCAE
 from cinedit.tokenizer.tiling import TilingConfig
 from cinedit.tokenizer.train import build_model, split_meta
 
-RECON_SIZE = (64, 64)  # the debug tokenizer's training size
+RECON_SIZE = (64, 64)  # the demo tokenizer's training size
 RECON_FRAMES = 16
 RECON_STRIDE = 2  # the sample clips are 25 fps; training reads them at ceil(25 / 24) = 2
 STRIP_FRAMES = 4
