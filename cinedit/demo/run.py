@@ -93,7 +93,6 @@ from cinedit.demo.plan import (
     DemoError,
     Plan,
     PlanError,
-    adversarial_start,
     command_line,
     derive_steps,
     every,
@@ -101,6 +100,7 @@ from cinedit.demo.plan import (
     run_seconds,
     sample_size,
     sample_steps,
+    tokenizer_schedule,
     tokenizer_step_cost,
     torch_threads,
 )
@@ -270,13 +270,16 @@ def run_args(run: Run, steps: int, out_dir: Path) -> list[str]:
 def tokenizer_argv(run: Run, steps: int | None = None, meta: Path | None = None) -> list[str]:
     steps = run.plan.tokenizer_steps if steps is None else steps
     meta_arg = f"--data.meta={meta or run.out / 'data' / 'meta_filtered.csv'}"
-    # The demo knows its length: a short warm-up and a cosine decay (+0.15 dB held-out at 400 steps in the study).
-    schedule = [f"--optim.warmup_steps={min(20, steps // 20)}", "--optim.decay=cosine", "--optim.min_lr_ratio=0.05"]
-    disc = f"--disc.start={adversarial_start(steps)}"
     # The `demo` DC-AE (the `debug` layout, its two full-resolution stages at half width) takes 0.7-0.8x as long a step;
     # windows of up to 1.5x zoom are closer to the whole frames it is scored on (scripts/tokenizer_study.py --demo).
     model = [f"--model.preset={TOKENIZER_MODEL}", f"--data.crop_scale={TOKENIZER_CROP_SCALE}"]
-    return [TOKENIZER_PRESET, meta_arg, *model, disc, *schedule, *run_args(run, steps, run.out / TOKENIZER_DIR)]
+    return [
+        TOKENIZER_PRESET,
+        meta_arg,
+        *model,
+        *tokenizer_schedule(steps),
+        *run_args(run, steps, run.out / TOKENIZER_DIR),
+    ]
 
 
 def stage_argv(run: Run, stage: str, steps: int | None = None) -> list[str]:
