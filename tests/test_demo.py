@@ -16,6 +16,11 @@ from cinedit.demo import run as demo_run
 from cinedit.demo.plan import (
     MAX_TOKENIZER_STEPS,
     MIN_STEPS,
+    TOKENIZER_CALIBRATION_DISC,
+    TOKENIZER_CALIBRATION_IMAGE_SHARE,
+    TOKENIZER_CALIBRATION_SEED,
+    TOKENIZER_CALIBRATION_STEPS,
+    TOKENIZER_CALIBRATION_WARMUP,
     TRAINED,
     Plan,
     adversarial_start,
@@ -25,6 +30,7 @@ from cinedit.demo.plan import (
     tokenizer_step_cost,
     torch_threads,
 )
+from cinedit.tokenizer.train import image_step
 
 # A 3-second budget: the calibration alone overruns it, so every run gets its minimum steps (the test measures the
 # plumbing, calibration included, not the learning).
@@ -70,14 +76,33 @@ def test_tokenizer_adversarial_phase_is_its_last_tenth():
     assert [adversarial_start(n) for n in (2, 5, 10, 74, 400)] == [3, 6, 10, 68, 361]
 
 
-def test_tokenizer_step_cost_mixes_plain_and_adversarial_steps_by_the_share():
-    # intervals of steps 2..9 of a calibration whose adversarial phase began at step 5 (its setup: 3.0 s, left out)
-    intervals = [0.5, 0.4, 0.6, 3.0, 1.0, 1.2, 0.9, 1.1]
-    cost = tokenizer_step_cost(intervals, 5, share=0.1)
-    assert cost["plain_step_s"] == 0.5 and cost["adversarial_step_s"] == pytest.approx(1.05)
-    assert cost["step_s"] == pytest.approx(0.9 * 0.5 + 0.1 * 1.05)
-    with pytest.raises(ValueError, match="plain and adversarial"):
-        tokenizer_step_cost(intervals[:2], 5)
+def test_tokenizer_step_cost_mixes_kinds_and_phases_after_the_warm_up():
+    # Steps 2..11 of a calibration: warm-up to step 3 (first reads: 2.0, 1.5, left out), plain steps 4-6, the
+    # adversarial phase from step 7 (its setup: 3.0 s, left out), adversarial steps 8-11. Image steps are cheaper.
+    intervals = [2.0, 1.5, 0.5, 0.2, 0.6, 3.0, 1.0, 0.3, 1.2, 0.9]
+    images = [False, True, False, True, False, False, False, True, False, False]
+    cost = tokenizer_step_cost(intervals, images, 7, image_share=0.25, warmup=3, share=0.1)
+    assert cost["plain_video_step_s"] == pytest.approx(0.55) and cost["plain_image_step_s"] == 0.2
+    assert cost["adversarial_video_step_s"] == 1.0 and cost["adversarial_image_step_s"] == 0.3
+    plain, adversarial = 0.75 * 0.55 + 0.25 * 0.2, 0.75 * 1.0 + 0.25 * 0.3
+    assert cost["plain_step_s"] == pytest.approx(plain) and cost["adversarial_step_s"] == pytest.approx(adversarial)
+    assert cost["step_s"] == pytest.approx(0.9 * plain + 0.1 * adversarial)
+    # No image steps in the real run: the image groups are not needed.
+    assert tokenizer_step_cost(intervals, [False] * 10, 7, image_share=0.0, warmup=3)["plain_step_s"] == 0.5
+    with pytest.raises(ValueError, match="no timed plain image step"):
+        tokenizer_step_cost(intervals, [False] * 10, 7, image_share=0.2, warmup=3)
+    with pytest.raises(ValueError, match="no timed adversarial video step"):
+        tokenizer_step_cost(intervals[:6], images[:6], 7, image_share=0.2, warmup=3)
+
+
+def test_tokenizer_calibration_times_both_kinds_in_both_phases():
+    # The calibration's own seed and share put video and image steps in both timed groups (the trainer's draw).
+    steps = range(2, TOKENIZER_CALIBRATION_STEPS + 1)
+    images = [image_step(TOKENIZER_CALIBRATION_SEED, n, TOKENIZER_CALIBRATION_IMAGE_SHARE) for n in steps]
+    for lo, hi in ((TOKENIZER_CALIBRATION_WARMUP, TOKENIZER_CALIBRATION_DISC), (TOKENIZER_CALIBRATION_DISC, 10**6)):
+        kinds = [im for n, im in zip(steps, images) if lo < n < hi]
+        assert 2 <= sum(kinds) <= len(kinds) - 2
+    tokenizer_step_cost([1.0] * len(images), images, TOKENIZER_CALIBRATION_DISC, 0.2)  # raises if a group is empty
 
 
 def test_plan_json_is_written_and_read_back(finished):

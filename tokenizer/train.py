@@ -332,13 +332,19 @@ def build_trainer(cfg: TokenizerTrainConfig, info: DistInfo) -> Trainer:
 # step and evaluation
 
 
+def image_step(seed: int, step: int, image_share: float) -> bool:
+    """The seeded draw of a one-process run: whether `step` of a run with `train.seed` `seed` takes an image batch
+    (when it has images). Pure, so a caller can tell a run's image steps from its seed and share alone."""
+    return bool(uniform(seed, step, 0x1A6E)[0] < image_share)
+
+
 def uses_images(tr: Trainer, step: int) -> bool:
     """Whether `step` trains on an image batch on this rank (a seeded draw per step with one process)."""
     if tr.info.world_size > 1:
         return tr.info.rank < tr.data.image_ranks
     if tr.data.image is None:
         return False
-    return bool(uniform(tr.cfg.train.seed, step, 0x1A6E)[0] < tr.cfg.train.image_share)
+    return image_step(tr.cfg.train.seed, step, tr.cfg.train.image_share)
 
 
 @contextmanager

@@ -3,11 +3,11 @@
 Each run (tokenizer, stage1, stage2, stage3) goes through the trainers' own loop (`run_training` with the trainer's
 hooks, on the demo's presets and overrides, in a throwaway folder) for `CALIBRATION_STEPS` steps: one warm-up step
 and five timed ones (a step's cost is their median; the tokenizer's run is longer, to time plain and adversarial
-steps apart: `plan.tokenizer_step_cost`), with one evaluation at step 0 and at the end, one validation
-sample and one checkpoint, each timed too. The generator stages train on a latent cache of the sample data made
-with the (barely trained) calibration tokenizer, which also times the cache the real run builds; one real
-`generator sample` times the samples. What the trainers build, load and export falls to `setup_s`. `derive_steps`
-(plan.py) turns these costs and the budget into step counts.
+steps, video and image ones, apart after its first reads: `plan.tokenizer_step_cost`), with one evaluation at
+step 0 and at the end, one validation sample and one checkpoint, each timed too. The generator stages train on a
+latent cache of the sample data made with the (barely trained) calibration tokenizer, which also times the cache
+the real run builds; one real `generator sample` times the samples. What the trainers build, load and export
+falls to `setup_s`. `derive_steps` (plan.py) turns these costs and the budget into step counts.
 """
 
 from __future__ import annotations

@@ -35,9 +35,15 @@ MAX_TOKENIZER_STEPS = 1600
 # on the sample data its phase does not move the held-out PSNR (500 debug steps: 16.06 dB with steps 400-500
 # adversarial, 16.06 dB without), so the demo runs a short one to show it working.
 ADVERSARIAL_SHARE = 0.1
-# The tokenizer's calibration run: steps, and its first adversarial step. Steps 2-4 time plain steps, 6-9
-# adversarial ones (step 1 warms up, step 5 builds the discriminator's kernels); `tokenizer_step_cost` mixes them.
-TOKENIZER_CALIBRATION_STEPS, TOKENIZER_CALIBRATION_DISC = 9, 5
+# The tokenizer's calibration run: steps, its first adversarial step, and the warm-up steps left untimed. Steps 1-6
+# build the kernels and read most files for the first time; a real run decodes each file once (its decode cache)
+# and crops later windows from memory, so timing those first reads over-priced a step by 13% (2 threads: 0.502
+# against 0.445 s run) to 58% (1 thread: 0.393 against 0.248 s). Steps 7-14 time plain steps, 16-24 adversarial
+# ones (step 15 builds the discriminator's kernels). The calibration has its own train seed and image share, so
+# that every group holds video and image steps whatever the demo's --seed (`tokenizer_step_cost` mixes them by
+# the real run's share: an image step costs under half a video one, and the old 9 steps held none).
+TOKENIZER_CALIBRATION_STEPS, TOKENIZER_CALIBRATION_DISC, TOKENIZER_CALIBRATION_WARMUP = 24, 15, 6
+TOKENIZER_CALIBRATION_SEED, TOKENIZER_CALIBRATION_IMAGE_SHARE = 42, 0.5
 MIN_STEPS = {"tokenizer": 2, "stage1": 2, "stage2": 2, "stage3": 2, "sample": 2}
 SAMPLE_STEPS_AT_DEFAULT = 25  # sampling steps of the samples at --minutes 10 (scaled with --minutes, floor 2)
 # Plan for this share of --minutes: a run lands within about 5% of its plan either way (quiet 2-core runs: planned
@@ -260,16 +266,43 @@ def derive_steps(costs: dict[str, dict[str, float]], seconds: float) -> dict[str
     return steps
 
 
-def tokenizer_step_cost(intervals: list[float], disc_start: int, share: float = ADVERSARIAL_SHARE) -> dict[str, float]:
+def tokenizer_step_cost(
+    intervals: list[float],
+    images: list[bool],
+    disc_start: int,
+    image_share: float,
+    warmup: int = TOKENIZER_CALIBRATION_WARMUP,
+    share: float = ADVERSARIAL_SHARE,
+) -> dict[str, float]:
     """A demo tokenizer step's expected cost from a calibration run's step intervals (`intervals[i]`: the time of
-    step i + 2) whose adversarial phase began at `disc_start`: the median plain step and the median adversarial step
-    (the first one, with its one-off setup, left out) mixed by the share of adversarial steps a demo run has."""
-    plain = [t for i, t in enumerate(intervals) if i + 2 < disc_start]
-    adversarial = [t for i, t in enumerate(intervals) if i + 2 > disc_start]
-    if not plain or not adversarial:
-        raise ValueError(f"need plain and adversarial step intervals, got {intervals} with disc.start {disc_start}")
-    p, a = statistics.median(plain), statistics.median(adversarial)
-    return {"step_s": (1 - share) * p + share * a, "plain_step_s": p, "adversarial_step_s": a}
+    step i + 2; `images[i]`: whether that step took an image batch) whose adversarial phase began at `disc_start`.
+
+    Steps up to `warmup` (first reads, kernel builds) and the first adversarial step (its one-off setup) are left
+    out. In each phase the median video step and the median image step are mixed by `image_share` (the real run's
+    share of image steps); the plain and adversarial costs are then mixed by `share`, the adversarial share of a
+    demo run's steps."""
+    if len(images) != len(intervals):
+        raise ValueError(f"{len(intervals)} step intervals but {len(images)} image flags")
+    kinds = [(False, 1 - image_share), (True, image_share)]
+    out: dict[str, float] = {}
+    for phase, timed in (("plain", lambda n: warmup < n < disc_start), ("adversarial", lambda n: n > disc_start)):
+        cost = 0.0
+        for image, weight in kinds:
+            times = [t for i, (t, im) in enumerate(zip(intervals, images)) if timed(i + 2) and im == image]
+            if weight == 0:
+                continue
+            if not times:
+                kind = "image" if image else "video"
+                raise ValueError(
+                    f"no timed {phase} {kind} step among the intervals {intervals} (image steps {images}, warm-up "
+                    f"{warmup}, disc.start {disc_start}): the calibration needs both kinds in both phases"
+                )
+            median = statistics.median(times)
+            out[f"{phase}_{'image' if image else 'video'}_step_s"] = median
+            cost += weight * median
+        out[f"{phase}_step_s"] = cost
+    out["step_s"] = (1 - share) * out["plain_step_s"] + share * out["adversarial_step_s"]
+    return out
 
 
 def adversarial_start(steps: int) -> int:

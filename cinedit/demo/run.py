@@ -85,6 +85,8 @@ from cinedit.demo.plan import (
     T2V_CLIP,
     TEXT_ENCODER,
     TOKENIZER_CALIBRATION_DISC,
+    TOKENIZER_CALIBRATION_IMAGE_SHARE,
+    TOKENIZER_CALIBRATION_SEED,
     TOKENIZER_CALIBRATION_STEPS,
     TOKENIZER_CROP_SCALE,
     TOKENIZER_DIR,
@@ -534,14 +536,20 @@ def calibrate_plan(run: Run, spent_s: float, threads: int, load_before: float) -
         over = calibration_overrides()
         costs: dict[str, dict[str, float]] = {}
         n, start = TOKENIZER_CALIBRATION_STEPS, TOKENIZER_CALIBRATION_DISC
-        argv = [*tokenizer_argv(cal, n, meta), f"--disc.start={start}", *calibration_overrides(n)]
-        cfg, name = resolve_config("tokenizer", argv)
+        seed, share = TOKENIZER_CALIBRATION_SEED, TOKENIZER_CALIBRATION_IMAGE_SHARE
+        real_share = resolve_config("tokenizer", tokenizer_argv(cal, n, meta))[0].train.image_share
+        own = [f"--disc.start={start}", f"--train.seed={seed}", f"--train.image_share={share}"]
+        cfg, name = resolve_config("tokenizer", [*tokenizer_argv(cal, n, meta), *own, *calibration_overrides(n)])
         tok_cost = time_run(cfg, name, tokenizer_train.HOOKS)
-        tok_cost |= {k: round(v, 4) for k, v in tokenizer_step_cost(tok_cost["step_intervals_s"], start).items()}
+        # The trainer's own draw (one process, the sample data has images) tells the image steps apart.
+        images = [tokenizer_train.image_step(seed, step, share) for step in range(2, n + 1)]
+        estimate = tokenizer_step_cost(tok_cost["step_intervals_s"], images, start, real_share)
+        tok_cost |= {k: round(v, 4) for k, v in estimate.items()} | {"image_steps": images}
         costs["tokenizer"] = tok_cost
         print(
-            f"tokenizer: {tok_cost['step_s']:.3f} s a step (plain {tok_cost['plain_step_s']:.3f}, adversarial "
-            f"{tok_cost['adversarial_step_s']:.3f}) {tok_cost['step_intervals_s']}",
+            f"tokenizer: {tok_cost['step_s']:.3f} s a step (plain {tok_cost['plain_step_s']:.3f}: video "
+            f"{tok_cost['plain_video_step_s']:.3f}, image {tok_cost['plain_image_step_s']:.3f}; adversarial "
+            f"{tok_cost['adversarial_step_s']:.3f}; image steps {real_share:.0%}) {tok_cost['step_intervals_s']}",
             flush=True,
         )
         tok = str(folder / TOKENIZER_DIR / "model")
