@@ -18,6 +18,7 @@ RUN_CONTROL = (
     "train.resume",
     "train.overwrite",
     "train.progress",
+    "train.flush_denormal",
     "data.num_workers",
     "data.prefetch_factor",
 )
@@ -39,6 +40,9 @@ class LoopConfig:
     resume: str = ""  # "" fresh run, "auto" the latest checkpoint in out_dir, or a checkpoint folder
     overwrite: bool = False  # replace a previous run's results in out_dir
     progress: bool = True
+    # CPU: flush subnormal floats to zero while training. Without it a `debug` tokenizer step slows by a third
+    # over its first 100 steps (subnormals inside the kernels take a slow path; scripts/bench_denormals.py).
+    flush_denormal: bool = True
 
     def validate(self) -> None:
         if self.steps < 0:
