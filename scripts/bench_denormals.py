@@ -5,13 +5,16 @@ default, `train.flush_denormal`) and kept, with the median step per block of ste
 
 Both runs are the demo's `cinedit tokenizer train debug` argv (the `demo` DC-AE, its schedule, seeds 42) on the
 sample data (`--meta`: your own curated CSV instead), without the adversarial phase; they alternate block by block
-in the table, not in time (the flushed run first). Writes `<out>/bench.json`.
+in the table, not in time (the flushed run first), each in a fresh process: the mode is per thread, and torch's
+intra-op threads take it from the thread that starts them, so a second run in one process would inherit the
+first's. Writes `<out>/bench.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 from pathlib import Path
@@ -45,6 +48,13 @@ def tokenizer_config(meta: Path, steps: int, out: Path, flush: bool):
     return config_from_argv("tokenizer", argv)
 
 
+def timed_run(meta: Path, steps: int, out: Path, flush: bool, threads: int) -> list[float]:
+    """One run's step intervals (steps 2..N), in the process that calls it."""
+    torch.set_num_threads(threads)
+    cfg, name = tokenizer_config(meta, steps, out, flush)
+    return time_run(cfg, name, tokenizer_train.HOOKS)["step_intervals_s"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=200, help="training steps of each run (default 200)")
@@ -55,17 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.steps < 2 * args.block:
         p.error(f"--steps {args.steps} must be at least two blocks (--block {args.block})")
-    torch.set_num_threads(args.threads)
     sample = args.out / "sample_data"
     meta = args.meta or (sample / "meta.csv" if (sample / "meta.csv").is_file() else build_sample_data(sample))
     if not meta.is_file():
         p.error(f"--meta {meta} is not a file")
-    runs, images = {}, []
+    cfg, _ = tokenizer_config(meta, args.steps, args.out, True)
+    images = [tokenizer_train.image_step(cfg.train.seed, n, cfg.train.image_share) for n in range(2, args.steps + 1)]
+    runs = {}
     for flag in (True, False):
-        cfg, name = tokenizer_config(meta, args.steps, args.out / f"flush_{flag}".lower(), flag)
-        seed, share = cfg.train.seed, cfg.train.image_share
-        images = [tokenizer_train.image_step(seed, n, share) for n in range(2, args.steps + 1)]
-        runs[flag] = time_run(cfg, name, tokenizer_train.HOOKS)["step_intervals_s"]
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            job = (meta, args.steps, args.out / f"flush_{flag}".lower(), flag, args.threads)
+            runs[flag] = pool.apply(timed_run, job)
     rows = []
     print(f"{args.threads} torch threads; median seconds a step (steps counted from 2: step 1 builds the kernels)")
     print("| steps | video, flushed | video, kept | image, flushed | image, kept |")

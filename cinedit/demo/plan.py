@@ -38,10 +38,13 @@ ADVERSARIAL_SHARE = 0.1
 # The tokenizer's calibration run: steps, its first adversarial step, and the warm-up steps left untimed. Steps 1-6
 # build the kernels and read most files for the first time; a real run decodes each file once (its decode cache)
 # and crops later windows from memory, so timing those first reads over-priced a step by 13% (2 threads: 0.502
-# against 0.445 s run) to 58% (1 thread: 0.393 against 0.248 s). Steps 7-14 time plain steps, 16-24 adversarial
-# ones (step 15 builds the discriminator's kernels). The calibration has its own train seed and image share, so
-# that every group holds video and image steps whatever the demo's --seed (`tokenizer_step_cost` mixes them by
-# the real run's share: an image step costs under half a video one, and the old 9 steps held none).
+# against 0.445 s run) to 58% (1 thread: 0.393 against 0.248 s). Timing later steps only holds because the
+# trainers flush subnormal floats (`train.flush_denormal`): without it a video step slowed by a quarter over the
+# first 100 steps, and a calibration from steps 7-24 under-priced the run by 36% (0.170 against 0.232 s a step,
+# 2 threads). Steps 7-14 time plain steps, 16-24 adversarial ones (step 15 builds the discriminator's kernels).
+# The calibration has its own train seed and image share, so that every group holds video and image steps whatever
+# the demo's --seed (`tokenizer_step_cost` mixes them by the real run's share: an image step costs under half a
+# video one, and the old 9 steps held none).
 TOKENIZER_CALIBRATION_STEPS, TOKENIZER_CALIBRATION_DISC, TOKENIZER_CALIBRATION_WARMUP = 24, 15, 6
 TOKENIZER_CALIBRATION_SEED, TOKENIZER_CALIBRATION_IMAGE_SHARE = 42, 0.5
 MIN_STEPS = {"tokenizer": 2, "stage1": 2, "stage2": 2, "stage3": 2, "sample": 2}

@@ -114,6 +114,7 @@ from cinedit.generator.generate import output_path
 from cinedit.runtime.checkpoint import latest_checkpoint
 from cinedit.runtime.dist import destroy_distributed
 from cinedit.runtime.files import save_config, write_json
+from cinedit.runtime.training import flushing_denormals
 from cinedit.tokenizer import train as tokenizer_train
 
 
@@ -629,7 +630,10 @@ def calibrate_plan(run: Run, spent_s: float, threads: int, load_before: float) -
             f"now (load {os.getloadavg()[0]:.1f}), more than --minutes {minutes:g}",
             flush=True,
         )
-    source = f"calibrated on this machine ({CALIBRATION_STEPS} steps of each trained run)"
+    source = (
+        f"calibrated on this machine ({TOKENIZER_CALIBRATION_STEPS} tokenizer steps, {CALIBRATION_STEPS} of each "
+        "generator stage)"
+    )
     plan = Plan.from_steps(steps, minutes, run.seed, run.device, threads, source, info)
     print(f"plan: {plan.steps} (estimated {total:.0f} s of {budget:.0f} s), in {run.out / PLAN_FILE}", flush=True)
     return plan
@@ -709,7 +713,11 @@ def run_demo(
     `started` (time.time()) is when the command started: the budget counts from there; `load` is the 1-minute load
     average then (other processes' load: a calibrated plan leaves their cores to them)."""
 
-    t0 = started or time.time()
+    with flushing_denormals(True):  # before the first parallel op, so that every torch thread flushes (as trainers do)
+        return _run_demo(out, request, plan, started or time.time(), load)
+
+
+def _run_demo(out: Path, request: dict[str, Any], plan: Plan | None, t0: float, load: float) -> Path:
     threads_before = torch.get_num_threads()
     threads = plan.threads if plan is not None else torch_threads(demo_workers(), load=load)
     torch.set_num_threads(threads)

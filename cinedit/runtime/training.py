@@ -205,12 +205,32 @@ def flushes_denormals() -> bool:
     return torch.tensor([1e-323], dtype=torch.float64).item() == 0.0
 
 
+def flushing_share() -> float:
+    """The share of a parallel float op's elements whose thread flushes subnormals: 1.0 when every intra-op thread
+    does. The mode is per thread and a thread starts with its creator's, so threads of a pool started before
+    `torch.set_flush_denormal(True)` keep computing with subnormals. (The probe's tensors are built from integer
+    bits and compared as integers: any float conversion or comparison would itself be flushed.)"""
+    tiny = torch.ones(1 << 20, dtype=torch.int32).view(torch.float32)  # the smallest subnormal, 1.4e-45
+    return ((tiny * 1.5).view(torch.int32) == 0).double().mean().item()
+
+
 @contextmanager
 def flushing_denormals(enabled: bool) -> Iterator[None]:
-    """CPU float math with subnormal numbers flushed to zero (`enabled`) or kept, restoring the previous mode after.
-    Subnormals (|x| < 1.2e-38 in float32) take a slow path on x86 CPUs; CUDA kernels are not affected."""
+    """CPU float math with subnormal numbers flushed to zero (`enabled`) or kept, restoring this thread's previous
+    mode after. Subnormals (|x| < 1.2e-38 in float32) take a slow path on x86 CPUs; CUDA kernels are not affected.
+
+    The mode reaches the intra-op threads torch starts afterwards (they keep it after the block); those started
+    earlier compute with subnormals, and a warning says so (`cinedit demo` and the trainers' commands enable it
+    before their first parallel op)."""
     before = flushes_denormals()
     torch.set_flush_denormal(enabled)  # False (and no change) on a CPU without the flag: nothing to restore then
+    if enabled and flushes_denormals() and torch.get_num_threads() > 1 and (share := flushing_share()) < 1:
+        print(
+            f"warning: only {share:.0%} of a parallel op's work flushes subnormal floats (torch's thread pool was "
+            "started before the flag was set); CPU training may run up to a third slower: set "
+            "torch.set_flush_denormal(True) before the process's first torch op, or pass --train.flush_denormal=false",
+            file=sys.stderr,
+        )
     try:
         yield
     finally:
@@ -224,9 +244,10 @@ def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) ->
     logged as `tokens_per_s` over the step's wall time, data loading included. With `train.flush_denormal` the
     run's CPU math flushes subnormal floats to zero (`flushing_denormals`).
     """
-    info = init_distributed(cfg.train.device)
-    with run_lock(Path(cfg.train.out_dir), info), flushing_denormals(cfg.train.flush_denormal):
-        return _run_training(cfg, hooks, preset_name, info)
+    with flushing_denormals(cfg.train.flush_denormal):
+        info = init_distributed(cfg.train.device)
+        with run_lock(Path(cfg.train.out_dir), info):
+            return _run_training(cfg, hooks, preset_name, info)
 
 
 def _run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None, info: DistInfo) -> dict[str, float]:
