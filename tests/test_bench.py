@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +143,34 @@ def test_the_compiled_step_is_measured_with_its_compile_time(monkeypatch):
     r = bench._train_phase("mmdit_compiled", cfg, (1, 4, 4), 8, 1, "cpu", "fp32", 1)
     assert len(compiled) == 1 and len(compiled[0]) == cfg.depth + cfg.depth_single_blocks
     assert r["first_s"] > r["median_s"] > 0
+
+
+def test_denormal_benchmark_runs_both_modes_side_by_side(sample_data, tmp_path):
+    # scripts/bench_denormals.py: the demo's tokenizer with subnormals flushed and kept, each in its own process.
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_denormals.py"
+    argv = [
+        sys.executable,
+        str(script),
+        "--steps",
+        "4",
+        "--block",
+        "2",
+        "--threads",
+        "1",
+        "--meta",
+        str(sample_data[1]),
+    ]
+    done = subprocess.run([*argv, "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["steps"] == 4 and [r["steps"] for r in doc["rows"]] == [[2, 3], [4, 4]]
+    assert set(doc["total_s"]) == {"flushed", "kept"} and all(v > 0 for v in doc["total_s"].values())
+    assert "| 2-3 |" in done.stdout and (tmp_path / "flush_true" / "metrics.jsonl").is_file()
+    assert (tmp_path / "flush_false" / "config.json").is_file()
+    flags = {
+        json.loads((tmp_path / f"flush_{f}" / "config.json").read_text())["train"]["flush_denormal"]
+        for f in ("true", "false")
+    }
+    assert flags == {True, False}
+    bad = subprocess.run([*argv[:2], "--steps", "3", "--block", "2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "at least two blocks" in bad.stderr
