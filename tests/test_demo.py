@@ -30,6 +30,7 @@ from cinedit.demo.plan import (
     tokenizer_step_cost,
     torch_threads,
 )
+from cinedit.demo.report import _image_note
 from cinedit.tokenizer.train import image_step
 
 # A 3-second budget: the calibration alone overruns it, so every run gets its minimum steps (the test measures the
@@ -236,6 +237,17 @@ def test_demo_writes_the_report(finished):
     assert scale == pytest.approx(json.loads((out / "tokenizer_scaled" / "latent_stats.json").read_text())["std"])
     recon = json.loads((out / "eval" / "compare.json").read_text())
     assert recon["arithmetic"]["baseline_values"] <= recon["arithmetic"]["latent_values"]
+
+
+def test_report_states_image_and_video_latent_scales():
+    def stats(images, videos):
+        return {"images": {"std": images}, "videos": {"std": videos}}
+
+    assert _image_note(stats(0.269, 0.261)) == (
+        " Images get latents of std 0.269 and videos 0.261 (ratio 0.97): one scale serves both."
+    )
+    assert "31x smaller std than videos (804 vs 2.51e+04): one scale cannot fit both" in _image_note(stats(804, 25100))
+    assert _image_note({"std": 1.0}) == ""
 
 
 def test_finished_demo_asks_for_overwrite(finished, capsys):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from cinedit.runtime.checkpoint import checkpoint_dir, latest_checkpoint, save_c
 from cinedit.runtime.dist import DistInfo, init_distributed
 from cinedit.runtime.ema import EMA
 from cinedit.runtime.logs import read_metrics
-from cinedit.runtime.training import flushes_denormals, flushing_denormals, run_training
+from cinedit.runtime.training import flushes_denormals, flushing_denormals, flushing_share, run_training
 from cinedit.tokenizer import load_pretrained
 from cinedit.tokenizer import train as train_mod
 from cinedit.tokenizer.losses import (
@@ -274,9 +276,9 @@ def test_short_run_lowers_heldout_loss(meta, tmp_path):
 
 
 def test_training_flushes_denormals_on_request_and_restores_the_mode(meta, tmp_path):
-    # Subnormal floats slowed a `debug` tokenizer step by a third on CPU (scripts/bench_denormals.py): the loop
-    # flushes them to zero by default, and leaves the process as it found it.
-    assert not flushes_denormals()
+    # Subnormal floats slowed a `demo` tokenizer step by a third on CPU (scripts/bench_denormals.py): the loop
+    # flushes them to zero by default. Afterwards every torch thread computes in one mode (the pool's threads keep
+    # the mode they started with, so the process may stay flushed).
     for flag, want in (("true", True), ("false", False)):
         seen: list[bool] = []
 
@@ -284,17 +286,38 @@ def test_training_flushes_denormals_on_request_and_restores_the_mode(meta, tmp_p
             seen.append(flushes_denormals())
             return train_mod.train_step(tr, batch, n)
 
-        cfg, name = config_from_argv(
-            "tokenizer",
-            args(meta, tmp_path / flag, "--train.steps=2", "--train.eval_every=0", f"--train.flush_denormal={flag}"),
-        )
+        extra = ("--train.steps=2", "--train.eval_every=0", f"--train.flush_denormal={flag}")
+        cfg, name = config_from_argv("tokenizer", args(meta, tmp_path / flag, *extra))
         run_training(cfg, dataclasses.replace(train_mod.HOOKS, train_step=step), name)
-        assert seen == [want, want] and not flushes_denormals()
-    with flushing_denormals(True):  # and restores an enabled mode too
-        with flushing_denormals(False):
-            assert not flushes_denormals() and torch.tensor([1e-40]).item() != 0
-        assert flushes_denormals() and torch.tensor([1e-40]).item() == 0
-    assert not flushes_denormals()
+        assert seen == [want, want]
+        assert flushing_share() == (1.0 if flushes_denormals() else 0.0)
+    # In one process: the mode is restored when no thread started inside the block.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        before = flushes_denormals()
+        for mode in (True, False):
+            with flushing_denormals(mode):
+                assert flushes_denormals() == mode and ((torch.tensor([1e-40]) * 1.0).item() == 0) == mode
+            assert flushes_denormals() == before
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_threads_started_while_flushing_leave_the_process_in_one_mode():
+    # A fresh process, so that torch's thread pool starts inside the block: its threads keep flushing after it, and
+    # the main thread must then flush too (threads that disagree change results with the chunking, an x + 0 apart).
+    code = (
+        "import torch\n"
+        "from cinedit.runtime.training import flushes_denormals, flushing_denormals, flushing_share\n"
+        "torch.set_num_threads(2)\n"
+        "with flushing_denormals(True):\n"
+        "    inside = flushing_share()\n"
+        "print(inside, flushing_share(), flushes_denormals())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1.0", "1.0", "True"]
 
 
 def test_colossalai_booster_and_plain_torch_give_the_same_losses(meta, tmp_path):

@@ -52,7 +52,8 @@ SAMPLE_STEPS_AT_DEFAULT = 25  # sampling steps of the samples at --minutes 10 (s
 # Plan for this share of --minutes. Quiet 2-core runs land up to 11% above their plan: the timed steps of the
 # calibration run 10-15% faster than the same steps of a long run (the 24-step tokenizer calibration: 0.187 s a video
 # step, the run's first 200 steps 0.208 s, its later ones up to 0.227 s; the generator stages 5-20% over), so the
-# plan leaves 15% (planned 570 s at 0.95: took 627, 630 and 637 s).
+# plan leaves 15% (planned 570 s at 0.95: took 627, 630 and 637 s; planned 510 s at 0.85: took 491 s, its
+# calibration having caught the machine 10% slower).
 MARGIN = 0.85
 PLAN_FORMAT = "cinedit-demo-plan/1"
 

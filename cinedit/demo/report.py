@@ -148,12 +148,15 @@ def _first_last(rows: list[dict], key: str, share: float = 0.1) -> tuple[float, 
 
 
 def _image_note(stats: dict) -> str:
-    """A warning when images (one latent frame) and videos get latents of very different scales."""
+    """The latent std of images (one latent frame) and of videos, with a warning when they differ 2x or more."""
     if "images" not in stats or "videos" not in stats:
         return ""
     ratio = stats["videos"]["std"] / stats["images"]["std"]
     if 0.5 < ratio < 2:
-        return ""
+        return (
+            f" Images get latents of std {stats['images']['std']:.3f} and videos {stats['videos']['std']:.3f} "
+            f"(ratio {ratio:.2f}): one scale serves both."
+        )
     return (
         f" Images (one frame) get latents with {ratio:.0f}x {'smaller' if ratio > 1 else 'larger'} std than videos "
         f"({stats['images']['std']:.4g} vs {stats['videos']['std']:.4g}): one scale cannot fit both, which hurts "

@@ -219,9 +219,11 @@ def flushing_denormals(enabled: bool) -> Iterator[None]:
     """CPU float math with subnormal numbers flushed to zero (`enabled`) or kept, restoring this thread's previous
     mode after. Subnormals (|x| < 1.2e-38 in float32) take a slow path on x86 CPUs; CUDA kernels are not affected.
 
-    The mode reaches the intra-op threads torch starts afterwards (they keep it after the block); those started
-    earlier compute with subnormals, and a warning says so (`cinedit demo` and the trainers' commands enable it
-    before their first parallel op)."""
+    The mode reaches the intra-op threads torch starts afterwards; those started earlier compute with subnormals,
+    and a warning says so (`cinedit demo` and the trainers' commands enable it before their first parallel op).
+    Threads started in the block keep the mode after it, and threads that disagree make one op's result depend on
+    which thread computed which part (an x + 0 flushes on one thread and not on another): on leaving, this thread
+    takes the mode back only where the pool's threads then agree with it, and otherwise keeps theirs."""
     before = flushes_denormals()
     torch.set_flush_denormal(enabled)  # False (and no change) on a CPU without the flag: nothing to restore then
     if enabled and flushes_denormals() and torch.get_num_threads() > 1 and (share := flushing_share()) < 1:
@@ -235,6 +237,8 @@ def flushing_denormals(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(before)
+        if torch.get_num_threads() > 1 and 0 < flushing_share() < 1:
+            torch.set_flush_denormal(not before)  # the pool's threads kept the block's mode: match them
 
 
 def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) -> dict[str, float]:
