@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+from pathlib import Path
+from typing import Any
 
+import av
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from cinedit.cli import main
 from cinedit.configs.data import BucketConfig
@@ -263,6 +269,7 @@ def test_interrupted_demo_resumes(finished, capsys):
     steps = Plan.read(out / "plan.json").stage_steps["stage3"]
     *_, previous, final = sorted(p.name for p in (last / "ckpt").glob("step-*"))
     assert final == f"step-{steps:06d}"
+    model = model_files(last / "model")
     shutil.rmtree(last / "model")
     shutil.rmtree(last / "ckpt" / final)
     (last / "ckpt" / "latest").write_text(previous + "\n")
@@ -280,9 +287,35 @@ def test_interrupted_demo_resumes(finished, capsys):
     assert "reusing " + str(out / "samples" / "t2v") in log
     rows = [json.loads(r) for r in (last / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
-    # Resumed training and sampling give the very same video.
-    assert (out / "samples" / "inpaint").glob("0000_*.mp4").__next__().read_bytes() == before
+    # Resumed training gives the very same model, and sampling it the same video. Compared as decoded frames: now
+    # and then (2 of 5 runs under load after tests/test_mmdit.py, with the very same model files) the mp4 differs
+    # by a few levels on some pixels (mean 0.72, max 19 of 255), like write_video's first-encode quirk.
+    again = model_files(last / "model")
+    assert again.keys() == model.keys()
+    for name, value in model.items():
+        assert torch.equal(value, again[name]) if isinstance(value, torch.Tensor) else value == again[name], name
+    after = frames(next((out / "samples" / "inpaint").glob("0000_*.mp4")))
+    first = frames(io.BytesIO(before))
+    assert after.shape == first.shape and np.abs(after.astype(int) - first).mean() < 2.0
     assert (out / "report.md").is_file()
+
+
+def model_files(folder: Path) -> dict[str, Any]:
+    """Every tensor of a model folder's safetensors files (by file and name) and the bytes of its other files."""
+    out: dict[str, Any] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = str(path.relative_to(folder))
+        if path.suffix == ".safetensors":
+            out |= {f"{rel}:{k}": v for k, v in load_file(path).items()}
+        else:
+            out[rel] = path.read_bytes()
+    return out
+
+
+def frames(source) -> np.ndarray:
+    """The decoded RGB frames of an mp4 (a path or a file object), (T, H, W, 3) uint8."""
+    with av.open(source) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def test_demo_refuses_other_settings_and_foreign_folders(finished, tmp_path, capsys):

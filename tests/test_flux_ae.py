@@ -86,8 +86,11 @@ def test_release_file_loads_and_folder_round_trips(tmp_path):
     assert (model.spatial_compression, model.temporal_compression, model.causal) == (8, 1, False)
     x = fixture_tensor("input")
     with torch.no_grad():
-        assert torch.equal(model.encode(x), fixture_tensor("posterior_mean"))
-        assert (model.encode_latents(x) - fixture_tensor("latent")).abs().max() < 1e-6
+        # Exact (0.0) where the fixtures were made; another CPU's kernels round differently (the fixtures README:
+        # diffusers' Linear attention against the reference's 1x1 convs). Measured on a later machine: 3.8e-6 on the
+        # mean, 1.4e-6 on the scaled latent.
+        assert (model.encode(x) - fixture_tensor("posterior_mean")).abs().max() < 2e-5
+        assert (model.encode_latents(x) - fixture_tensor("latent")).abs().max() < 1e-5
     folder = save_pretrained(model, tmp_path / "flux_ae")
     assert json.loads((folder / "config.json").read_text())["_class"] == "FluxAE"
     again = load_tokenizer(folder)
