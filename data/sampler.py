@@ -15,6 +15,7 @@ re-splits exactly the remaining batches.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -122,6 +123,15 @@ class BucketBatchSampler:
         idx = plan.flat[plan.starts[b] : plan.starts[b] + plan.sizes[b]]
         t, h, w = bucket.shape
         return [SampleItem(int(i), t, h, w, mix_seed(self.seed, epoch, int(i))) for i in idx]
+
+    def never_batched(self, epochs: int = 4) -> list[int]:
+        """Sample indices (row positions) that no batch of epochs 0..epochs-1 holds: a sample that fits no bucket, or
+        whose bucket's members this epoch do not fill a batch, is not trained on. Bucket draws are seeded per epoch,
+        so a sample can miss some epochs only; one missing every epoch checked is most likely never read."""
+        seen = np.zeros(len(self.meta), dtype=bool)
+        for epoch in range(epochs):
+            seen[self._plan(epoch).flat] = True
+        return np.flatnonzero(~seen).tolist()
 
     @property
     def num_batches(self) -> int:
@@ -329,6 +339,22 @@ class BucketLoader:
         """Resume at a `state_dict()` position (of this loader or of a bare sampler)."""
         self.sampler.load_state_dict(state)
         self._state = self.sampler.state_dict()
+
+
+def warn_never_batched(sampler: BucketBatchSampler, what: str = "training", epochs: int = 4, show: int = 5) -> int:
+    """Print a warning naming the samples no batch of the first `epochs` epochs holds (`never_batched`); returns
+    how many there are."""
+    missing = sampler.never_batched(epochs)
+    if missing:
+        paths = sampler.meta["path"].iloc[missing[:show]].tolist() if "path" in sampler.meta else missing[:show]
+        more = f" and {len(missing) - show} more" if len(missing) > show else ""
+        print(
+            f"warning: {len(missing)} of {len(sampler.meta)} {what} samples are in no batch of the first {epochs} "
+            f"epochs, so they are never trained on: {', '.join(map(str, paths))}{more}. Their buckets hold fewer "
+            f"samples than the bucket's batch size (or none fits them): lower those batch sizes or add data",
+            file=sys.stderr,
+        )
+    return len(missing)
 
 
 def build_sampler(dataset: Any, config: DataConfig, dp_rank: int = 0, dp_size: int = 1) -> BucketBatchSampler:

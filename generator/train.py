@@ -40,7 +40,7 @@ from cinedit.data.cache import read_empty_text
 from cinedit.data.dataset import CachedLatentDataset, MockLatentDataset, VideoDataset, collate
 from cinedit.data.meta import read_meta
 from cinedit.data.sample import CLIPS, run_meta
-from cinedit.data.sampler import BucketLoader, PackingSampler, build_dataloader, build_sampler
+from cinedit.data.sampler import BucketLoader, PackingSampler, build_dataloader, build_sampler, warn_never_batched
 from cinedit.generator.conditions import Condition, ConditionMix
 from cinedit.generator.control import (
     ControlAdapter,
@@ -246,8 +246,10 @@ def build_loader(
     size: int,
     seed: int,
     tokens: Callable[[int, int, int], int] | None = None,
+    warn: bool = True,
 ) -> BucketLoader:
-    """Bucketed batches, or with `data.packing` packs (lists of samples) of `tokens(t, h, w)` tokens each."""
+    """Bucketed batches, or with `data.packing` packs (lists of samples) of `tokens(t, h, w)` tokens each; `warn`:
+    name the samples that no batch holds (data-parallel rank 0)."""
     dcfg = dataclasses.replace(cfg.data, seed=seed)
     if not dcfg.packing:
         sampler = build_sampler(ds, dcfg, rank, size)
@@ -256,6 +258,8 @@ def build_loader(
                 f"{len(ds)} samples give no full batch with buckets {dcfg.buckets.table}: lower the batch sizes "
                 f"(cached latents only fit the bucket shape they were encoded at)"
             )
+        if warn and rank == 0:
+            warn_never_batched(sampler)
         return build_dataloader(ds, sampler, dcfg.num_workers, dcfg.prefetch_factor)
     dcfg.validate()
     try:
@@ -601,7 +605,8 @@ def build_eval_data(tr: Trainer) -> None:
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"control.eval_meta: {e}") from None
     tokens = sample_tokens(tr.tokenizer, tr.patch_size, tr.null_txt.shape[1])
-    loader = build_loader(ds, tr.cfg, dp_rank, dp_size, mix_seed(tr.cfg.data.seed, 0xE7A1), tokens=tokens)
+    seed = mix_seed(tr.cfg.data.seed, 0xE7A1)
+    loader = build_loader(ds, tr.cfg, dp_rank, dp_size, seed, tokens=tokens, warn=False)  # a few fixed batches
     tr.eval_data, tr.eval_control = [], []
     for n, batch in enumerate(loader, 1):
         # A pack's samples have different shapes: each is a batch of its own (so every sample weighs the same).

@@ -15,6 +15,7 @@ from cinedit.data.sampler import (
     SampleItem,
     build_dataloader,
     build_sampler,
+    warn_never_batched,
 )
 from cinedit.runtime.layout import dist_dp_rank_size, dp_rank_size
 
@@ -266,3 +267,26 @@ def test_packs_are_seeded_split_over_ranks_and_resume_exactly(meta):
 def test_a_budget_below_one_sample_is_refused(meta):
     with pytest.raises(ValueError, match="tokens_per_batch=10 is smaller than one sample"):
         packer(meta, budget=10)
+
+
+def test_samples_alone_in_their_bucket_are_named_as_never_batched(capsys):
+    # Four 8-frame 64px clips at one aspect ratio, and one at another: with a batch of 2 the lone clip never fills
+    # a batch (issue 16: the sample data's only 16:9 clip was never trained on), and the trainers warn about it.
+    meta = pd.DataFrame(
+        {
+            "path": [f"wide{i}.mp4" for i in range(4)] + ["tall.mp4"],
+            "text": ["x"] * 5,
+            "num_frames": [8] * 5,
+            "height": [64, 64, 64, 64, 128],
+            "width": [64, 64, 64, 64, 32],
+            "fps": [24.0] * 5,
+        }
+    )
+    sampler = BucketBatchSampler(meta, BucketConfig(table={"64px": {8: (1.0, 2)}}), seed=0)
+    assert sampler.never_batched() == [4]
+    assert warn_never_batched(sampler, "training video") == 1
+    err = capsys.readouterr().err
+    assert "1 of 5 training video samples are in no batch of the first 4 epochs" in err and "tall.mp4" in err
+    # Batches of one take every sample, and nothing is printed.
+    one = BucketBatchSampler(meta, BucketConfig(table={"64px": {8: (1.0, 1)}}), seed=0)
+    assert one.never_batched() == [] and warn_never_batched(one) == 0 and capsys.readouterr().err == ""

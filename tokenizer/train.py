@@ -39,7 +39,7 @@ from cinedit.data.buckets import mix_seed, uniform
 from cinedit.data.dataset import VideoDataset
 from cinedit.data.meta import read_meta
 from cinedit.data.sample import run_meta
-from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler
+from cinedit.data.sampler import BucketLoader, build_dataloader, build_sampler, warn_never_batched
 from cinedit.data.video import frame_stride, num_sampled_frames
 from cinedit.runtime import cli as runtime_cli
 from cinedit.runtime.booster import Booster, build_booster
@@ -236,6 +236,8 @@ def build_data(cfg: TokenizerTrainConfig, info: DistInfo) -> TrainData:
             raise ValueError(
                 f"{len(m)} samples give no full batch with buckets {dcfg.buckets.table}: lower the batch sizes"
             )
+        if rank == 0:
+            warn_never_batched(sampler, "training image" if m is img_meta else "training video")
         return build_dataloader(ds, sampler, dcfg.num_workers, dcfg.prefetch_factor)
 
     if info.world_size == 1:
