@@ -216,29 +216,28 @@ def flushing_share() -> float:
 
 @contextmanager
 def flushing_denormals(enabled: bool) -> Iterator[None]:
-    """CPU float math with subnormal numbers flushed to zero (`enabled`) or kept, restoring this thread's previous
-    mode after. Subnormals (|x| < 1.2e-38 in float32) take a slow path on x86 CPUs; CUDA kernels are not affected.
+    """CPU float math with subnormal numbers flushed to zero (`enabled`) or kept, for the block and after it.
+    Subnormals (|x| < 1.2e-38 in float32) take a slow path on x86 CPUs; CUDA kernels are not affected.
 
-    The mode reaches the intra-op threads torch starts afterwards; those started earlier compute with subnormals,
-    and a warning says so (`cinedit demo` and the trainers' commands enable it before their first parallel op).
-    Threads started in the block keep the mode after it, and threads that disagree make one op's result depend on
-    which thread computed which part (an x + 0 flushes on one thread and not on another): on leaving, this thread
-    takes the mode back only where the pool's threads then agree with it, and otherwise keeps theirs."""
+    The mode is per thread, and torch's intra-op threads take it from the thread that starts them, so the mode of
+    threads already running cannot be changed; threads that disagree make an op's result depend on which thread
+    computed which part (an x + 0 flushes on one thread and not on another). So every thread always computes in
+    one mode: the block switches this thread only when the pool's threads then agree (or start inside the block),
+    and otherwise keeps the pool's mode with a warning; the mode is kept after the block, as the threads started
+    in it keep it too. `cinedit demo` and the trainers' commands switch before their first parallel op."""
     before = flushes_denormals()
-    torch.set_flush_denormal(enabled)  # False (and no change) on a CPU without the flag: nothing to restore then
-    if enabled and flushes_denormals() and torch.get_num_threads() > 1 and (share := flushing_share()) < 1:
-        print(
-            f"warning: only {share:.0%} of a parallel op's work flushes subnormal floats (torch's thread pool was "
-            "started before the flag was set); CPU training may run up to a third slower: set "
-            "torch.set_flush_denormal(True) before the process's first torch op, or pass --train.flush_denormal=false",
-            file=sys.stderr,
-        )
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(before)
+    if enabled != before:
+        torch.set_flush_denormal(enabled)  # False (and no change) on a CPU without the flag
         if torch.get_num_threads() > 1 and 0 < flushing_share() < 1:
-            torch.set_flush_denormal(not before)  # the pool's threads kept the block's mode: match them
+            torch.set_flush_denormal(before)  # the pool's threads kept the old mode: stay with them
+            state = "flushes subnormal floats to zero" if before else "computes with subnormal floats"
+            print(
+                f"warning: this run {state} (--train.flush_denormal={str(enabled).lower()} not applied): torch's "
+                "thread pool started before and keeps that mode. CPU training without flushing may run up to a "
+                "third slower; call torch.set_flush_denormal() before the process's first torch op",
+                file=sys.stderr,
+            )
+    yield
 
 
 def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) -> dict[str, float]:
