@@ -114,7 +114,6 @@ from cinedit.generator.generate import output_path
 from cinedit.runtime.checkpoint import latest_checkpoint
 from cinedit.runtime.dist import destroy_distributed
 from cinedit.runtime.files import save_config, write_json
-from cinedit.runtime.training import flushing_denormals
 from cinedit.tokenizer import train as tokenizer_train
 
 
@@ -713,11 +712,7 @@ def run_demo(
     `started` (time.time()) is when the command started: the budget counts from there; `load` is the 1-minute load
     average then (other processes' load: a calibrated plan leaves their cores to them)."""
 
-    with flushing_denormals(True):  # before the first parallel op, so that every torch thread flushes (as trainers do)
-        return _run_demo(out, request, plan, started or time.time(), load)
-
-
-def _run_demo(out: Path, request: dict[str, Any], plan: Plan | None, t0: float, load: float) -> Path:
+    t0 = started or time.time()
     threads_before = torch.get_num_threads()
     threads = plan.threads if plan is not None else torch_threads(demo_workers(), load=load)
     torch.set_num_threads(threads)
