@@ -1,5 +1,5 @@
 """Side by side in one command: the demo's tokenizer trained with subnormal floats flushed to zero (the trainers'
-default, `train.flush_denormal`) and kept, with the median step per block of steps for video and image batches.
+opt-in `train.flush_denormal`) and kept, with the median step per block of steps for video and image batches.
 
     .venv/bin/python scripts/bench_denormals.py --steps 200 --threads 2 --out runs/bench_denormals
 

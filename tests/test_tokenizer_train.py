@@ -277,7 +277,7 @@ def test_short_run_lowers_heldout_loss(meta, tmp_path):
 
 def test_training_flushes_denormals_on_request_in_one_mode_for_every_thread(meta, tmp_path, capsys):
     # Subnormal floats slowed a `demo` tokenizer step by a third on CPU (scripts/bench_denormals.py): the loop
-    # flushes them to zero by default. In a process whose thread pool already runs in the other mode, the run keeps
+    # flushes them to zero on request. In a process whose thread pool already runs in the other mode, the run keeps
     # the pool's mode and says so: every thread computes in one mode, before, during and after the run.
     for flag, want in (("true", True), ("false", False)):
         seen: list[bool] = []

@@ -224,7 +224,7 @@ def flushing_denormals(enabled: bool) -> Iterator[None]:
     computed which part (an x + 0 flushes on one thread and not on another). So every thread always computes in
     one mode: the block switches this thread only when the pool's threads then agree (or start inside the block),
     and otherwise keeps the pool's mode with a warning; the mode is kept after the block, as the threads started
-    in it keep it too. `cinedit demo` and the trainers' commands switch before their first parallel op."""
+    in it keep it too. `run_training` switches before the run's first parallel op."""
     before = flushes_denormals()
     if enabled != before:
         torch.set_flush_denormal(enabled)  # False (and no change) on a CPU without the flag
