@@ -295,16 +295,16 @@ def test_training_flushes_denormals_on_request_in_one_mode_for_every_thread(meta
 
 
 def test_threads_compute_in_one_mode_whatever_started_first():
-    # Fresh processes, so that torch's thread pool starts where the test says. Started inside the block, its threads
-    # flush, and so does the process after it; started before (not flushing), the block keeps their mode and warns.
+    # Fresh processes, so that torch's thread pool starts where the test says. Started after the switch, its threads
+    # flush, and so does the process; started before (not flushing), the switch keeps their mode and warns.
     code = (
         "import sys, torch\n"
-        "from cinedit.runtime.training import flushes_denormals, flushing_denormals, flushing_share\n"
+        "from cinedit.runtime.training import flushes_denormals, flushing_share, set_flush_denormal\n"
         "torch.set_num_threads(2)\n"
         "if sys.argv[1] == 'before':\n"
         "    (torch.randn(1 << 20) * 2).sum()\n"
-        "with flushing_denormals(True):\n"
-        "    inside = flushing_share()\n"
+        "set_flush_denormal(True)\n"
+        "inside = flushing_share()\n"
         "print(inside, flushing_share(), flushes_denormals())\n"
     )
     for when, want in (("inside", ["1.0", "1.0", "True"]), ("before", ["0.0", "0.0", "False"])):

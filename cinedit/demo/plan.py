@@ -294,9 +294,9 @@ def tokenizer_step_cost(
     for phase, timed in (("plain", lambda n: warmup < n < disc_start), ("adversarial", lambda n: n > disc_start)):
         cost = 0.0
         for image, weight in kinds:
-            times = [t for i, (t, im) in enumerate(zip(intervals, images)) if timed(i + 2) and im == image]
             if weight == 0:
                 continue
+            times = [t for i, (t, im) in enumerate(zip(intervals, images)) if timed(i + 2) and im == image]
             if not times:
                 kind = "image" if image else "video"
                 raise ValueError(

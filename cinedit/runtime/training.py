@@ -214,17 +214,17 @@ def flushing_share() -> float:
     return ((tiny * 1.5).view(torch.int32) == 0).double().mean().item()
 
 
-@contextmanager
-def flushing_denormals(enabled: bool) -> Iterator[None]:
-    """CPU float math with subnormal numbers flushed to zero (`enabled`) or kept, for the block and after it.
+def set_flush_denormal(enabled: bool) -> bool:
+    """CPU float math with subnormal numbers flushed to zero (`enabled`) or kept, from now on; returns the mode in
+    effect.
     Subnormals (|x| < 1.2e-38 in float32) take a slow path on x86 CPUs; CUDA kernels are not affected.
 
     The mode is per thread, and torch's intra-op threads take it from the thread that starts them, so the mode of
     threads already running cannot be changed; threads that disagree make an op's result depend on which thread
     computed which part (an x + 0 flushes on one thread and not on another). So every thread always computes in
-    one mode: the block switches this thread only when the pool's threads then agree (or start inside the block),
-    and otherwise keeps the pool's mode with a warning; the mode is kept after the block, as the threads started
-    in it keep it too. `run_training` switches before the run's first parallel op."""
+    one mode: this thread switches only when the pool's threads then agree with it (or start after the switch),
+    and otherwise keeps the pool's mode with a warning. Nothing is restored later: threads started after the switch
+    keep its mode. `run_training` switches before the run's first parallel op."""
     before = flushes_denormals()
     if enabled != before:
         torch.set_flush_denormal(enabled)  # False (and no change) on a CPU without the flag
@@ -237,7 +237,7 @@ def flushing_denormals(enabled: bool) -> Iterator[None]:
                 "third slower; call torch.set_flush_denormal() before the process's first torch op",
                 file=sys.stderr,
             )
-    yield
+    return flushes_denormals()
 
 
 def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) -> dict[str, float]:
@@ -245,12 +245,12 @@ def run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None = None) ->
 
     Returns the last logged scalars and evaluation metrics, plus `seconds`. A step's `tokens` scalar (if any) is
     logged as `tokens_per_s` over the step's wall time, data loading included. With `train.flush_denormal` the
-    run's CPU math flushes subnormal floats to zero (`flushing_denormals`).
+    run's CPU math flushes subnormal floats to zero (`set_flush_denormal`).
     """
-    with flushing_denormals(cfg.train.flush_denormal):
-        info = init_distributed(cfg.train.device)
-        with run_lock(Path(cfg.train.out_dir), info):
-            return _run_training(cfg, hooks, preset_name, info)
+    set_flush_denormal(cfg.train.flush_denormal)  # before the run's first parallel op
+    info = init_distributed(cfg.train.device)
+    with run_lock(Path(cfg.train.out_dir), info):
+        return _run_training(cfg, hooks, preset_name, info)
 
 
 def _run_training(cfg: Any, hooks: TrainHooks, preset_name: str | None, info: DistInfo) -> dict[str, float]:
